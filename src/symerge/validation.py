@@ -1,0 +1,86 @@
+"""Up-front checks on pretrained / expert state dicts, shared by `ModelPool` and `merging.merge`.
+
+Every failure names the task and the tensor so a user can fix the right checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from symerge.errors import ValidationError
+
+StateDict = Mapping[str, Tensor]
+
+
+def check_task_names(names: Iterable[str]) -> list[str]:
+    """Task names must be non-empty strings and unique."""
+    seen: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValidationError(f"task name {name!r} must be a non-empty string")
+        if name in seen:
+            raise ValidationError(f"duplicate task name '{name}'")
+        seen.append(name)
+    return seen
+
+
+def check_finite(state: StateDict, owner: str, keys: Iterable[str] | None = None) -> None:
+    """Reject NaN / Inf in floating tensors (integer buffers cannot hold them)."""
+    for key in keys if keys is not None else state.keys():
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValidationError(f"{owner}: tensor '{key}' has {n_bad} non-finite value(s) (NaN or Inf)")
+
+
+def check_same_layout(reference: StateDict, other: StateDict, owner: str, keys: Iterable[str] | None = None) -> None:
+    """`other` must have exactly the keys, shapes and dtypes of `reference` (restricted to `keys` if given)."""
+    wanted = list(keys) if keys is not None else list(reference.keys())
+    missing = [k for k in wanted if k not in other]
+    if missing:
+        raise ValidationError(f"{owner}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if keys is None:
+        extra = [k for k in other if k not in reference]
+        if extra:
+            raise ValidationError(f"{owner}: unexpected tensor '{extra[0]}' not in the pretrained model"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for key in wanted:
+        ref, got = reference[key], other[key]
+        if not isinstance(got, Tensor):
+            raise ValidationError(f"{owner}: entry '{key}' is a {type(got).__name__}, not a tensor")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise ValidationError(f"{owner}: tensor '{key}' has shape {tuple(got.shape)}, pretrained has {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise ValidationError(f"{owner}: tensor '{key}' has dtype {got.dtype}, pretrained has {ref.dtype}")
+
+
+def validate_state_dicts(
+    pretrained: StateDict,
+    experts: Mapping[str, StateDict],
+    keys: Iterable[str] | None = None,
+    min_experts: int = 1,
+) -> None:
+    """Validate a pretrained state dict and named expert state dicts before merging them."""
+    if not isinstance(pretrained, Mapping):
+        raise ValidationError(f"pretrained must be a dict of tensors, got {type(pretrained).__name__}")
+    if not isinstance(experts, Mapping):
+        raise ValidationError(f"experts must be a dict task -> state dict, got {type(experts).__name__}")
+    names = check_task_names(experts.keys())
+    if len(names) < min_experts:
+        raise ValidationError(f"need at least {min_experts} expert(s), got {len(names)}")
+    key_list = list(keys) if keys is not None else None
+    for key in key_list if key_list is not None else pretrained.keys():
+        if key not in pretrained:
+            raise ValidationError(f"pretrained: missing tensor '{key}'")
+        if not isinstance(pretrained[key], Tensor):
+            raise ValidationError(f"pretrained: entry '{key}' is a {type(pretrained[key]).__name__}, not a tensor")
+    check_finite(pretrained, "pretrained", key_list)
+    for task, state in experts.items():
+        owner = f"expert '{task}'"
+        if not isinstance(state, Mapping):
+            raise ValidationError(f"{owner}: expected a state dict, got {type(state).__name__}")
+        check_same_layout(pretrained, state, owner, key_list)
+        check_finite(state, owner, key_list)
