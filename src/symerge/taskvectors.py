@@ -11,7 +11,12 @@ from torch import Tensor
 from symerge.errors import ValidationError
 from symerge.validation import StateDict, validate_state_dicts
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -59,8 +64,9 @@ class TaskVectors:
         tasks = list(experts.keys())
         vectors: dict[str, Tensor] = {}
         for key in mergeable_keys(base, key_list):
-            ref = base[key].float()
-            vectors[key] = torch.stack([experts[t][key].detach().float() - ref for t in tasks]).to(storage)
+            compute = torch.promote_types(base[key].dtype, torch.float32)
+            ref = base[key].to(compute)
+            vectors[key] = torch.stack([experts[t][key].detach().to(compute) - ref for t in tasks]).to(storage)
         return cls(tasks=tasks, pretrained=base, vectors=vectors)
 
     @property

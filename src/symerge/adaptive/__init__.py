@@ -1,0 +1,116 @@
+"""Test-time adaptive merging on one trainer: SyMerge, AdaMerging, Representation Surgery.
+
+    result = adapt("symerge", encoder, heads, task_vectors, unlabeled_inputs, config=TrainerConfig(regime="nlp"))
+    logits = result.predict("task_a", inputs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symerge.adaptive.adamerging import AdaMerging
+from symerge.adaptive.base import AdaptiveMethod
+from symerge.adaptive.config import REGIMES, TrainerConfig
+from symerge.adaptive.experts import ExpertCache, compute_expert_cache
+from symerge.adaptive.inputs import Inputs
+from symerge.adaptive.merged_encoder import MergedEncoder, default_init
+from symerge.adaptive.surgery import Surgery
+from symerge.adaptive.symerge_method import SyMerge
+from symerge.adaptive.finish import finish
+from symerge.adaptive.trainer import Trainer
+from symerge.errors import ValidationError
+from symerge.result import MergeResult
+from symerge.taskvectors import TaskVectors
+
+ADAPTIVE_METHODS: dict[str, type[AdaptiveMethod]] = {"adamerging": AdaMerging, "surgery": Surgery, "symerge": SyMerge}
+DEFAULT_GRANULARITY = {"adamerging": "tensor", "surgery": "task", "symerge": "tensor"}
+
+__all__ = [
+    "adapt", "build_trainer", "adaptive_methods", "TrainerConfig", "REGIMES", "ExpertCache", "MergedEncoder",
+    "compute_expert_cache", "Trainer", "AdaMerging", "Surgery", "SyMerge",
+]
+
+LambdaInit = float | Tensor | MergeResult | str | None
+
+
+def adaptive_methods() -> list[str]:
+    return sorted(ADAPTIVE_METHODS)
+
+
+def resolve_init(init: LambdaInit, num_tasks: int) -> float | Tensor:
+    """λ init: a number, a tensor, another result's λ, or a static method's coefficient by name."""
+    if init is None or init == "task_arithmetic":
+        return default_init(num_tasks)
+    if init == "weight_averaging":
+        return 1.0 / num_tasks
+    if isinstance(init, MergeResult):
+        if init.lambdas is None:
+            raise ValidationError(f"cannot initialise λ from a '{init.method}' result: it has no coefficients")
+        return init.lambdas
+    if isinstance(init, str):
+        raise ValidationError(f"λ init '{init}' unknown; use a number, a tensor, a MergeResult, "
+                              "'task_arithmetic' or 'weight_averaging'")
+    return init
+
+
+def build_trainer(
+    method: str,
+    encoder: nn.Module,
+    heads: Mapping[str, nn.Module],
+    task_vectors: TaskVectors,
+    inputs: Mapping[str, Inputs],
+    *,
+    config: TrainerConfig | dict[str, Any] | None = None,
+    task_kinds: Mapping[str, str] | None = None,
+    granularity: str | None = None,
+    init: LambdaInit = None,
+    clamp: tuple[float, float] | None = (0.0, 1.0),
+    cache: ExpertCache | None = None,
+    **method_options: Any,
+) -> Trainer:
+    """Set up an adaptive method (expert outputs computed once here, unless `cache` is given) and its trainer."""
+    if method not in ADAPTIVE_METHODS:
+        raise ValidationError(f"unknown adaptive method '{method}'; available: {adaptive_methods()}")
+    cfg = config if isinstance(config, TrainerConfig) else TrainerConfig(**(config or {}))
+    cfg = cfg.resolved(coefficients_only=(method == "adamerging"))
+    missing = [t for t in task_vectors.tasks if t not in inputs]
+    if missing:
+        raise ValidationError(f"no adaptation inputs for task '{missing[0]}'")
+    torch.manual_seed(cfg.seed)
+    merged = MergedEncoder(
+        encoder, task_vectors, granularity=granularity or DEFAULT_GRANULARITY[method],
+        init=resolve_init(init, task_vectors.num_tasks), clamp=clamp,
+    ).to(cfg.device)
+    heads_on_device = {t: h.to(cfg.device) for t, h in heads.items()}
+    if cache is None:
+        cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress)
+    cls = ADAPTIVE_METHODS[method]
+    options = dict(method_options)
+    if cls is Surgery:
+        first = cache.features[task_vectors.tasks[0]]
+        options.setdefault("feature_dim", int(first.shape[1] if first.dim() == 4 else first.shape[-1]))
+    try:
+        adaptive = cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
+    except TypeError as err:
+        raise ValidationError(f"adaptive method '{method}': {err}") from None
+    trainer = Trainer(adaptive, dict(inputs), cache, cfg)
+    trainer.method_options = options  # type: ignore[attr-defined]
+    return trainer
+
+
+def adapt(
+    method: str,
+    encoder: nn.Module,
+    heads: Mapping[str, nn.Module],
+    task_vectors: TaskVectors,
+    inputs: Mapping[str, Inputs],
+    **kwargs: Any,
+) -> MergeResult:
+    """Run an adaptive method end to end and return its `MergeResult` (see `build_trainer` for options)."""
+    trainer = build_trainer(method, encoder, heads, task_vectors, inputs, **kwargs)
+    trainer.run()
+    return finish(trainer)

@@ -1,0 +1,26 @@
+"""AdaMerging (Yang et al., ICLR 2024): learn λ (task-wise or layer-wise) by minimising the entropy of the
+merged model's predictions on unlabeled test inputs; the experts' heads stay fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from symerge.adaptive.base import AdaptiveMethod
+from symerge.adaptive.experts import ExpertCache
+from symerge.adaptive.inputs import Inputs
+
+
+class AdaMerging(AdaptiveMethod):
+    name = "adamerging"
+
+    def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
+        return [{"params": [self.merged.lambdas], "lr": lr}]
+
+    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
+        from symerge.adaptive.objectives import entropy_loss
+
+        if self.task_kinds[task] != "classification":
+            return None  # entropy is undefined for regression outputs: such tasks do not drive λ
+        return entropy_loss(self.task_output(task, inputs))

@@ -1,0 +1,165 @@
+"""One loop for every adaptive method (paper App. A.1).
+
+Per iteration the tasks are visited in a seeded random order; for each task one batch of its unlabeled inputs,
+the loss, and — in the default "sequential" mode — an immediate optimizer step with one shared Adam state.
+"summed" accumulates every task's gradient (backward per task, so still one graph at a time) and steps once.
+A non-finite loss or gradient skips the step with a warning. Checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from symerge.adaptive.base import AdaptiveMethod
+from symerge.adaptive.config import TrainerConfig
+from symerge.adaptive.experts import ExpertCache
+from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.adaptive.sampling import batch_for_step, task_order
+from symerge.errors import ValidationError
+
+StepCallback = Callable[[int, str, "Tensor | None"], None]
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+class Trainer:
+    """Runs an `AdaptiveMethod` over cached expert outputs."""
+
+    def __init__(self, method: AdaptiveMethod, inputs: dict[str, Inputs], cache: ExpertCache, config: TrainerConfig):
+        for task in method.tasks:
+            if task not in inputs:
+                raise ValidationError(f"no adaptation inputs for task '{task}'")
+            if num_samples(inputs[task]) == 0:
+                raise ValidationError(f"task '{task}' has no adaptation inputs")
+        self.method = method
+        self.inputs = inputs
+        self.cache = cache
+        self.config = config
+        self.optimizer = torch.optim.Adam(method.param_groups(config.lr, config.layer_lr), betas=(0.9, 0.999))
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.history: list[dict[str, float]] = []
+        self.start_step = 0
+        self.skipped_steps = 0
+        self.seconds = 0.0
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step, "method": self.method.name, "tasks": self.method.tasks,
+            "method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "history": self.history, "skipped_steps": self.skipped_steps, "torch_rng": torch.get_rng_state(),
+            "seed": self.config.seed,
+        }
+
+    def save_checkpoint(self, step: int) -> None:
+        assert self.config.checkpoint_path is not None
+        atomic_save(self.state(step), Path(self.config.checkpoint_path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["method"] != self.method.name or state["tasks"] != self.method.tasks:
+            raise ValidationError(
+                f"checkpoint '{path}' is for method '{state['method']}' on tasks {state['tasks']}, "
+                f"not '{self.method.name}' on {self.method.tasks}"
+            )
+        if state["seed"] != self.config.seed:
+            raise ValidationError(f"checkpoint '{path}' was made with seed {state['seed']}, not {self.config.seed}")
+        self.method.load_state_dict(state["method_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self.skipped_steps = int(state["skipped_steps"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_step = int(state["step"])
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def task_step(self, step: int, task: str, callback: StepCallback | None) -> float | None:
+        """Forward + backward of one task's batch; returns the loss value or None if skipped."""
+        cfg = self.config
+        task_index = self.method.tasks.index(task)
+        index = batch_for_step(cfg.seed, task_index, step, cfg.batch_size, num_samples(self.inputs[task]))
+        batch = take(self.inputs[task], index, cfg.device)
+        loss = self.method.task_loss(task, batch, index, self.cache)
+        value: float | None = None
+        if loss is not None:
+            value = float(loss.detach())
+            if math.isfinite(value):
+                loss.backward()
+            else:
+                warnings.warn(f"step {step}, task '{task}': non-finite loss {value}; update skipped", stacklevel=2)
+                value = None
+        del loss
+        if callback is not None:
+            callback(step, task, None if value is None else torch.tensor(value))
+        return value
+
+    def apply_update(self, step: int, what: str) -> bool:
+        """Optimizer step if the accumulated gradients are finite; always clears gradients."""
+        ok = grads_finite(self.params)
+        if ok:
+            self.optimizer.step()
+        else:
+            warnings.warn(f"step {step} ({what}): non-finite gradient; update skipped", stacklevel=2)
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    def run(self, stop_after: int | None = None, callback: StepCallback | None = None) -> list[dict[str, float]]:
+        """Train from `start_step` to `steps` (or stop early after `stop_after` iterations, for tests / budgets)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if cfg.resume and cfg.checkpoint_path is not None and Path(cfg.checkpoint_path).exists():
+            self.load_checkpoint(Path(cfg.checkpoint_path))
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.start_step + stop_after)
+        self.method.train()
+        self.method.merged.encoder.eval()  # no dropout / BN updates in the shared encoder
+        for head in self.method.heads.values():
+            head.eval()
+        start_time = time.perf_counter()
+        bar = tqdm(range(self.start_step, end), desc=f"{self.method.name}", disable=not cfg.progress, leave=False)
+        for step in bar:
+            losses: dict[str, float] = {}
+            for k in task_order(cfg.seed, step, len(self.method.tasks)):
+                task = self.method.tasks[k]
+                value = self.task_step(step, task, callback)
+                if cfg.update == "sequential":
+                    if value is None or not self.apply_update(step, f"task '{task}'"):
+                        self.skipped_steps += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                if value is not None:
+                    losses[task] = value
+            if cfg.update == "summed" and not self.apply_update(step, "summed"):
+                self.skipped_steps += 1
+            mean = sum(losses.values()) / len(losses) if losses else float("nan")
+            self.history.append({"step": step + 1, "loss": mean, **{f"loss/{t}": v for t, v in losses.items()}})
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{mean:.4f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                self.save_checkpoint(step + 1)
+        self.start_step = end
+        self.seconds += time.perf_counter() - start_time
+        return self.history

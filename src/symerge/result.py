@@ -1,0 +1,74 @@
+"""MergeResult: everything needed to run the merged multi-task model, from any method (static or adaptive)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from symerge.adaptive.inputs import Inputs, batch_indices, call_module, num_samples, take
+from symerge.errors import ValidationError
+
+
+@dataclass
+class MergeResult:
+    """Merged encoder weights (λ applied), each task's head / task-specific layer, λ, history and provenance.
+
+    `encoder` is the architecture; predictions substitute `encoder_state` (plus the task's overrides, e.g. a
+    per-task block copy or an EMR task-specific state) functionally, so one module serves every task.
+    """
+
+    method: str
+    tasks: list[str]
+    encoder: nn.Module
+    encoder_state: dict[str, Tensor]
+    heads: dict[str, nn.Module]
+    task_overrides: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    adapters: dict[str, nn.Module] = field(default_factory=dict)
+    lambdas: Tensor | None = None
+    lambda_rows: list[str] = field(default_factory=list)
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise ValidationError(f"unknown task '{task}'; this result has {self.tasks}")
+
+    def encoder_params(self, task: str) -> dict[str, Tensor]:
+        self.check_task(task)
+        params = dict(self.encoder_state)
+        params.update(self.task_overrides.get(task, {}))
+        return params
+
+    @torch.no_grad()
+    def features(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
+        """Encoder output for `task` (after Surgery's adapter if any), on CPU."""
+        params = {k: v.to(device) for k, v in self.encoder_params(task).items()}
+        self.encoder.to(device).eval()
+        adapter = self.adapters.get(task)
+        outs = []
+        for index in batch_indices(num_samples(inputs), batch_size):
+            feats = call_module(self.encoder, take(inputs, index, device), params)
+            if adapter is not None:
+                feats = adapter.to(device)(feats)
+            outs.append(feats.float().cpu())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def predict(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
+        """Task output (logits / regression values / dense maps) on CPU."""
+        head = self.heads[task].to(device).eval()
+        feats = self.features(task, inputs, batch_size, device)
+        return torch.cat([head(feats[index].to(device)).float().cpu() for index in batch_indices(len(feats), batch_size)])
+
+    def with_heads(self, heads: Mapping[str, nn.Module], method: str | None = None) -> "MergeResult":
+        """Same encoder, other heads (head transfer: SyMerge heads on another method's encoder)."""
+        return MergeResult(
+            method=method or f"{self.method}+heads", tasks=list(self.tasks), encoder=self.encoder,
+            encoder_state=self.encoder_state, heads=dict(heads), task_overrides=self.task_overrides,
+            adapters=self.adapters, lambdas=self.lambdas, lambda_rows=self.lambda_rows,
+            provenance={**self.provenance, "heads_from": "other"},
+        )
