@@ -180,9 +180,28 @@ def fetch_debian_package(name: str, use_system: bool = True) -> Path:
         return _materialize(root, build)
 
 
+def debian_package_files(name: str) -> list[Path]:
+    """Absolute paths of the files (not directories) of Debian package ``name``.
+
+    Why not just walk ``fetch_debian_package(name)``: when the package is installed
+    system-wide its root is ``/``, shared with every other package, so the package's own
+    file list (``dpkg-query -L``) is used to keep tasks independent of what else is installed.
+    """
+    root = fetch_debian_package(name)
+    if root == Path("/"):
+        proc = _run(["dpkg-query", "-L", name])
+        if proc.returncode != 0:
+            raise FetchError(f"dpkg-query -L {name} failed:\n{_tail(proc)}")
+        paths = [Path(line) for line in proc.stdout.splitlines() if line.startswith("/")]
+    else:
+        paths = [p for p in root.rglob("*") if p.name != MARKER]
+    return sorted(p for p in paths if p.is_symlink() or p.is_file())
+
+
 def find_model_dir(root: Path) -> Path:
     """The shallowest directory under ``root`` with ``config.json`` and ``model.safetensors``."""
-    hits = [p.parent for p in root.rglob("model.safetensors") if (p.parent / "config.json").is_file()]
+    weights = root.rglob("model.safetensors")
+    hits = [p.parent for p in weights if (p.parent / "config.json").is_file()]
     if not hits:
         raise FetchError(f"no directory with config.json + model.safetensors under {root}")
     return min(hits, key=lambda p: (len(p.parts), str(p)))
