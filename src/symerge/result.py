@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, batch_indices, call_module, num_samples, take
+from symerge.adaptive.inputs import Inputs, batch_indices, encode_all
 from symerge.errors import ValidationError
 
 
@@ -47,15 +47,12 @@ class MergeResult:
     def features(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
         """Encoder output for `task` (after Surgery's adapter if any), on CPU."""
         params = {k: v.to(device) for k, v in self.encoder_params(task).items()}
-        self.encoder.to(device).eval()
+        feats = encode_all(self.encoder.to(device).eval(), inputs, params, batch_size, device)
         adapter = self.adapters.get(task)
-        outs = []
-        for index in batch_indices(num_samples(inputs), batch_size):
-            feats = call_module(self.encoder, take(inputs, index, device), params)
-            if adapter is not None:
-                feats = adapter.to(device)(feats)
-            outs.append(feats.float().cpu())
-        return torch.cat(outs)
+        if adapter is not None:
+            adapter = adapter.to(device).eval()
+            feats = torch.cat([adapter(feats[i].to(device)).float().cpu() for i in batch_indices(len(feats), batch_size)])
+        return feats
 
     @torch.no_grad()
     def predict(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:

@@ -39,7 +39,8 @@ class TaskVectors:
     """Stacked task vectors of K experts over the merged (floating) tensors of one model.
 
     `pretrained` keeps every tensor of the base model (original dtypes); `vectors[key]` holds [K, *shape] in
-    `storage_dtype`. Arithmetic always runs in float32; results are cast back to each tensor's own dtype.
+    `storage_dtype`. Arithmetic runs in float32 (float64 for float64 tensors); results are cast back to each tensor's
+    own dtype.
     """
 
     tasks: list[str]
@@ -112,7 +113,8 @@ class TaskVectors:
         merged: dict[str, Tensor] = {}
         for key, base in self.pretrained.items():
             if key in delta:
-                merged[key] = (base.float() + delta[key].float()).to(base.dtype)
+                compute = torch.promote_types(base.dtype, torch.float32)  # never round a float64 model to float32
+                merged[key] = (base.to(compute) + delta[key].to(compute)).to(base.dtype)
             else:
                 merged[key] = base.clone()
         return merged

@@ -54,6 +54,9 @@ class AdaptiveMethod(nn.Module):
         return self.heads[self.slot(task)]
 
     # --- hooks -------------------------------------------------------------------------------------------
+    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str) -> None:
+        """Called once by the trainer before the loop (e.g. to cache what does not change during training)."""
+
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups (λ at `lr`, task-specific layers at `layer_lr`)."""
         raise NotImplementedError

@@ -52,3 +52,14 @@ def call_module(module: nn.Module, inputs: Inputs, params: Mapping[str, Tensor] 
 
 def batch_indices(num: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
+
+
+@torch.no_grad()
+def encode_all(
+    module: nn.Module, inputs: Inputs, params: Mapping[str, Tensor] | None = None, batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Run `module` (optionally with substituted weights) over all inputs in batches; float32 on CPU."""
+    outs = [call_module(module, take(inputs, index, device), params).float().cpu()
+            for index in batch_indices(num_samples(inputs), batch_size)]
+    return torch.cat(outs)

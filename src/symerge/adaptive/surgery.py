@@ -4,13 +4,15 @@ the expert's features. W_up starts at zero, so training starts from the plain me
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs
+from symerge.adaptive.inputs import Inputs, encode_all
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.adaptive.objectives import l1_loss
 
@@ -40,6 +42,16 @@ class Surgery(AdaptiveMethod):
         merged.lambdas.requires_grad_(False)
         self.rank = rank
         self.surgery = nn.ModuleDict({self.slot(t): SurgeryAdapter(feature_dim, rank) for t in self.tasks})
+        self.frozen_features: dict[str, Tensor] = {}
+
+    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str) -> None:
+        """λ is fixed, so the merged encoder's features never change: compute them once, train adapters on them."""
+        self.merged.encoder.eval()
+        with torch.no_grad():
+            params = self.merged.params()
+            self.frozen_features = {
+                t: encode_all(self.merged.encoder, inputs[t], params, batch_size, device) for t in self.tasks
+            }
 
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.surgery.parameters()), "lr": layer_lr}]
@@ -48,7 +60,8 @@ class Surgery(AdaptiveMethod):
         return self.surgery[self.slot(task)](super().task_features(task, inputs))
 
     def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
-        return l1_loss(self.task_features(task, inputs), cache.features[task][index])
+        merged = self.frozen_features[task][index].to(self.merged.lambdas.device)
+        return l1_loss(self.surgery[self.slot(task)](merged), cache.features[task][index])
 
     def adapters(self) -> dict[str, nn.Module]:
         return {t: self.surgery[self.slot(t)] for t in self.tasks}

@@ -58,6 +58,7 @@ class Trainer:
                 raise ValidationError(f"task '{task}' has no adaptation inputs")
         self.method = method
         self.inputs = inputs
+        method.prepare(inputs, config.expert_batch_size, config.device)
         self.cache = cache
         self.config = config
         self.optimizer = torch.optim.Adam(method.param_groups(config.lr, config.layer_lr), betas=(0.9, 0.999))

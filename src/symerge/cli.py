@@ -1,0 +1,85 @@
+"""`symerge` command line: benchmarks and method listing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from symerge.errors import SymergeError
+
+
+def parse_methods(value: str | None) -> list[str] | None:
+    return [m.strip() for m in value.split(",") if m.strip()] if value else None
+
+
+def cmd_bench_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from symerge.report.markdown import methods_table
+    from symerge.suites.runner import check_methods
+    from symerge.suites.text import TextSuiteConfig, run_text_suite
+
+    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device}
+    methods = parse_methods(args.methods)
+    if methods:
+        check_methods(methods)
+        overrides["methods"] = methods
+    if args.tasks:
+        overrides["tasks"] = parse_methods(args.tasks)
+    cfg = TextSuiteConfig.quick_preset(**overrides) if args.quick else TextSuiteConfig(**overrides)
+    out = Path(args.out or f"runs/text-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SymergeError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_text_suite(cfg, out, progress=not args.no_progress)
+    print()
+    print(methods_table(report))
+    print(f"\nreport: {out / 'report.md'}  ({report['total_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from symerge.adaptive import adaptive_methods
+    from symerge.merging import available_methods
+
+    print("static:  ", ", ".join(available_methods()))
+    print("adaptive:", ", ".join(adaptive_methods()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="symerge", description="Multi-task model merging (SyMerge and baselines).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run an offline benchmark suite")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    text = suites.add_parser("text", help="MiniLM-L6 on 8 packaged text-classification tasks")
+    text.add_argument("--out", help="output dir (default runs/text-<timestamp>)")
+    text.add_argument("--protocol", choices=["held-out", "transductive"], default="held-out")
+    text.add_argument("--methods", help="comma-separated method names (default: all)")
+    text.add_argument("--tasks", help="comma-separated task names (default: the 8 defaults)")
+    text.add_argument("--quick", action="store_true", help="≤ 3-minute smoke run with small sizes")
+    text.add_argument("--seed", type=int, default=0)
+    text.add_argument("--device", default="cpu", help="cpu or cuda")
+    text.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    text.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    text.add_argument("--no-progress", action="store_true", help="no progress bars")
+    text.set_defaults(func=cmd_bench_text)
+    methods = sub.add_parser("methods", help="list the registered merge methods")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SymergeError as err:
+        print(f"symerge: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics and diagnostics: accuracy, normalized accuracy, calibration, cross-task matrix."""

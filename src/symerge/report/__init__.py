@@ -1,0 +1,1 @@
+"""Reports: JSON (schema in README), Markdown tables and PNG plots."""

@@ -1,0 +1,96 @@
+"""Markdown rendering of a suite report: per-task table, normalized accuracy, ECE, cost, curves, diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MERGED_EXCLUDED = ("pretrained", "individual")
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def methods_table(report: Mapping[str, Any]) -> str:
+    tasks = [t["name"] for t in report["tasks"]]
+    best = max((m for m in report["methods"] if m not in MERGED_EXCLUDED),
+               key=lambda m: report["methods"][m]["normalized_average"], default=None)
+    rows = []
+    for name, entry in report["methods"].items():
+        label = f"**{name}**" if name == best else name
+        rows.append([label] + [pct(entry["per_task"][t]) for t in tasks] + [
+            pct(entry["average"]), pct(entry["normalized_average"]), f"{entry['ece']:.3f}",
+            f"{entry['seconds']:.1f}", f"{entry['peak_memory_mb']:.0f}"])
+    return table(["method"] + tasks + ["avg", "norm. avg", "ECE", "seconds", "peak MB"], rows)
+
+
+def curve_table(report: Mapping[str, Any]) -> str:
+    rows = []
+    for name, entry in report["methods"].items():
+        for point in entry.get("curve", []):
+            rows.append([name, str(point["iterations"]), pct(point["average"]), pct(point["normalized_average"]),
+                         f"{point['seconds']:.0f}"])
+    return table(["method", "iterations", "avg", "norm. avg", "adaptation seconds"], rows) if rows else ""
+
+
+def cross_task_section(report: Mapping[str, Any]) -> str:
+    cross = report.get("cross_task")
+    if not cross:
+        return ""
+    tasks = cross["tasks"]
+    parts = [f"Encoder of task i (θ_pre + τ_i, rows) read by the head of task j (columns) on task j's first "
+             f"{cross['samples_per_task']} test inputs. Mean off-diagonal accuracy: "
+             + ", ".join(f"{k} heads {pct(v)}" for k, v in cross["off_diagonal_mean"].items()) + "."]
+    for name in ("original", "symerge"):
+        if name in cross:
+            rows = [[tasks[i]] + [pct(v) for v in row] for i, row in enumerate(cross[name])]
+            parts.append(f"**{name} heads**\n\n" + table(["encoder \\ head"] + tasks, rows))
+    return "\n\n".join(parts)
+
+
+def transfer_section(report: Mapping[str, Any]) -> str:
+    transfer = report.get("head_transfer")
+    if not transfer:
+        return ""
+    rows = []
+    for name, entry in transfer.items():
+        for heads in ("original_heads", "symerge_heads"):
+            rows.append([name, heads.replace("_", " "), pct(entry[heads]["average"]), pct(entry[heads]["normalized_average"])])
+    return table(["encoder", "heads", "avg", "norm. avg"], rows)
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    cfg = report.get("config", {})
+    sections = [
+        f"# symerge bench {report['suite']} — protocol `{report['protocol']}`, seed {report['seed']}",
+        "Accuracy (%) on the labeled test split; normalized = mean over tasks of method / individual expert. "
+        "ECE = expected calibration error (15 bins). Bold = best merged method by normalized average.",
+        methods_table(report),
+    ]
+    tasks_rows = [[t["name"], str(t["num_classes"]), str(t.get("n_train", "")), str(t.get("n_val", "")),
+                   str(t.get("n_adapt", "")), str(t.get("n_test", ""))] for t in report["tasks"]]
+    sections += ["## Tasks", table(["task", "classes", "train", "val", "adapt", "test"], tasks_rows)]
+    curve = curve_table(report)
+    if curve:
+        sections += ["## Quality vs adaptation iterations", curve]
+    cross = cross_task_section(report)
+    if cross:
+        sections += ["## Cross-task matrix", cross]
+    transfer = transfer_section(report)
+    if transfer:
+        sections += ["## Head transfer (SyMerge heads on other merged encoders)", transfer]
+    if plots:
+        sections += ["## Plots"] + [f"![{name}]({path})" for name, path in plots.items()]
+    settings = {k: cfg[k] for k in ("expert", "adapt", "max_len", "freeze_word_embeddings") if k in cfg}
+    if settings:
+        sections += ["## Settings", "```json\n" + __import__("json").dumps(settings, indent=1) + "\n```"]
+    if "total_seconds" in report:
+        sections.append(f"Total wall time: {report['total_seconds']:.0f} s.")
+    return "\n\n".join(sections) + "\n"

@@ -1,0 +1,135 @@
+"""PNG plots of a suite report (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_heatmap(report: Mapping[str, Any], path: Path) -> None:
+    tasks = [t["name"] for t in report["tasks"]]
+    names = list(report["methods"])
+    values = np.array([[report["methods"][m]["per_task"][t] for t in tasks] + [report["methods"][m]["average"]]
+                       for m in names]) * 100
+    fig, ax = plt.subplots(figsize=(1.0 * len(tasks) + 3, 0.42 * len(names) + 1.5))
+    image = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0, vmax=100)
+    ax.set_xticks(range(len(tasks) + 1), tasks + ["AVERAGE"], rotation=35, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(tasks) + 1):
+            ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if values[i, j] < 60 else "black")
+    fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    ax.set_title("Per-task accuracy by method")
+    save(fig, path)
+
+
+def normalized_bars(report: Mapping[str, Any], path: Path) -> None:
+    names = [m for m in report["methods"] if m != "individual"]
+    values = [100 * report["methods"][m]["normalized_average"] for m in names]
+    order = np.argsort(values)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    colors = ["tab:red" if names[i] == "symerge" else "tab:blue" for i in order]
+    ax.barh([names[i] for i in order], [values[i] for i in order], color=colors)
+    ax.axvline(100, color="black", linestyle="--", linewidth=1, label="individual experts")
+    for k, i in enumerate(order):
+        ax.text(values[i] + 0.5, k, f"{values[i]:.1f}", va="center", fontsize=8)
+    ax.set_xlabel("normalized accuracy (% of the experts)")
+    ax.set_xlim(0, max(105, max(values) + 8))
+    ax.legend(loc="lower right")
+    save(fig, path)
+
+
+def cross_task_heatmaps(report: Mapping[str, Any], path: Path) -> None:
+    cross = report["cross_task"]
+    names = [n for n in ("original", "symerge") if n in cross]
+    tasks = cross["tasks"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        values = np.array(cross[name]) * 100
+        image = ax.imshow(values, cmap="magma", vmin=0, vmax=100)
+        ax.set_title(f"{name} heads (off-diag {100 * cross['off_diagonal_mean'][name]:.1f}%)")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_xlabel("head / data of task j")
+        ax.set_ylabel("encoder θ_pre + τ_i")
+        for i in range(len(tasks)):
+            for j in range(len(tasks)):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if values[i, j] < 60 else "black")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy (%)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def lambda_heatmap(report: Mapping[str, Any], path: Path, method: str = "symerge") -> None:
+    entry = report["lambdas"][method]
+    values = np.array(entry["values"])
+    fig, ax = plt.subplots(figsize=(0.6 * len(entry["tasks"]) + 3, 0.09 * len(entry["rows"]) + 2))
+    image = ax.imshow(values, cmap="coolwarm", aspect="auto", vmin=0, vmax=1)
+    ax.set_xticks(range(len(entry["tasks"])), entry["tasks"], rotation=45, ha="right")
+    step = max(1, len(entry["rows"]) // 25)
+    ax.set_yticks(range(0, len(entry["rows"]), step), [entry["rows"][i] for i in range(0, len(entry["rows"]), step)], fontsize=6)
+    ax.set_title(f"{method} λ (tensor × task)")
+    fig.colorbar(image, ax=ax)
+    save(fig, path)
+
+
+def loss_curves(report: Mapping[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, losses in report["loss_history"].items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.set_xlabel("iteration (one batch per task)")
+    ax.set_ylabel("mean task loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Adaptation loss")
+    save(fig, path)
+
+
+def iteration_curves(report: Mapping[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, entry in report["methods"].items():
+        if entry.get("curve"):
+            xs = [p["iterations"] for p in entry["curve"]]
+            ax.plot(xs, [100 * p["normalized_average"] for p in entry["curve"]], marker="o", label=name)
+    for name in ("task_arithmetic", "task_arithmetic_val"):
+        if name in report["methods"]:
+            ax.axhline(100 * report["methods"][name]["normalized_average"], linestyle="--", linewidth=1, label=name,
+                       color="gray" if name == "task_arithmetic" else "black")
+    ax.set_xlabel("adaptation iterations")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.legend()
+    save(fig, path)
+
+
+def make_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write every plot the report's content allows; returns {title: relative path}."""
+    plots: dict[str, str] = {}
+    jobs = [
+        ("accuracy by method and task", "accuracy.png", accuracy_heatmap, True),
+        ("normalized accuracy", "normalized.png", normalized_bars, True),
+        ("quality vs adaptation iterations", "iterations.png", iteration_curves,
+         any(e.get("curve") for e in report["methods"].values())),
+        ("cross-task matrices", "cross_task.png", cross_task_heatmaps, "cross_task" in report),
+        ("SyMerge λ", "lambda_symerge.png", lambda_heatmap, "symerge" in report.get("lambdas", {})),
+        ("adaptation loss", "loss.png", loss_curves, bool(report.get("loss_history"))),
+    ]
+    for title, name, fn, wanted in jobs:
+        if wanted:
+            fn(report, out_dir / name)
+            plots[title] = name
+    return plots

@@ -1,0 +1,79 @@
+"""Build the report dict (README schema) and write report.json / report.md / plots atomically into a run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from symerge.evaluation.metrics import mean, normalized
+from symerge.suites.runner import Benchmark, MethodOutcome
+
+
+def method_entry(outcome: MethodOutcome, reference: Mapping[str, float]) -> dict[str, Any]:
+    entry = {
+        "per_task": outcome.per_task,
+        "average": mean(outcome.per_task),
+        "normalized_average": mean(normalized(outcome.per_task, reference)),
+        "ece": mean(outcome.ece),
+        "ece_per_task": outcome.ece,
+        "seconds": outcome.seconds,
+        "peak_memory_mb": outcome.peak_memory_mb,
+    }
+    if outcome.curve:
+        entry["curve"] = outcome.curve
+    if outcome.notes:
+        entry["notes"] = outcome.notes
+    if outcome.result.provenance.get("per_task_encoder"):
+        entry["notes"] = (entry.get("notes", "") + " per-task encoder at inference (evaluated per task)").strip()
+    prov = outcome.result.provenance
+    for key in ("expert_runs_per_sample", "expert_seconds", "adapt_seconds", "skipped_steps", "options", "granularity"):
+        if key in prov:
+            entry[key] = prov[key]
+    return entry
+
+
+def build_report(
+    suite: str, protocol: str, seed: int, bench: Benchmark, outcomes: Mapping[str, MethodOutcome],
+    diagnostics: Mapping[str, Any], config: Mapping[str, Any], extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    reference = outcomes["individual"].per_task
+    report: dict[str, Any] = {
+        "suite": suite, "protocol": protocol, "seed": seed,
+        "tasks": [{"name": t.name, "num_classes": t.num_classes, **t.sizes} for t in bench.tasks.values()],
+        "methods": {name: method_entry(o, reference) for name, o in outcomes.items()},
+        **diagnostics,
+        "config": dict(config),
+        **dict(extra),
+    }
+    for name in ("symerge", "adamerging"):
+        if name in outcomes and outcomes[name].result.lambdas is not None:
+            result = outcomes[name].result
+            report.setdefault("lambdas", {})[name] = {"rows": result.lambda_rows, "tasks": result.tasks,
+                                                      "values": result.lambdas.tolist()}
+            report.setdefault("loss_history", {})[name] = [h["loss"] for h in result.loss_history]
+    return report
+
+
+def write_report(report: Mapping[str, Any], outcomes: Mapping[str, MethodOutcome], out_dir: Path) -> None:
+    """Write into a temp dir beside `out_dir`, then rename: a failed run leaves no half-written report."""
+    from symerge.report.markdown import render_markdown
+    from symerge.report.plots import make_plots
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        plots = make_plots(report, tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        (tmp / "report.md").write_text(render_markdown(report, plots))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

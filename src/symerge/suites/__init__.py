@@ -1,0 +1,1 @@
+"""Offline benchmark suites on real pretrained weights and packaged data."""

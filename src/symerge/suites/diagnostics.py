@@ -1,0 +1,50 @@
+"""Suite diagnostics: cross-task matrices (original vs SyMerge heads) and head transfer (paper Table 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.evaluation.cross_task import cross_task_matrices, off_diagonal_mean
+from symerge.evaluation.metrics import mean, normalized
+from symerge.suites.runner import Benchmark, MethodOutcome, evaluate
+
+
+def first_samples(inputs: Inputs, n: int) -> Inputs:
+    return take(inputs, slice(0, min(n, num_samples(inputs))))
+
+
+def run_diagnostics(
+    bench: Benchmark, outcomes: Mapping[str, MethodOutcome], samples: int, device: str, progress: bool
+) -> dict[str, Any]:
+    """Cross-task matrix on the first `samples` test inputs per task, and SyMerge heads on other encoders."""
+    tasks = bench.task_names
+    base = bench.pretrained_state()
+    encoders = {t: {**base, **bench.experts[t]} for t in tasks}
+    head_sets = {"original": dict(bench.heads)}
+    if "symerge" in outcomes:
+        head_sets["symerge"] = dict(outcomes["symerge"].result.heads)
+    inputs = {t: first_samples(bench.tasks[t].test, samples) for t in tasks}
+    labels = {t: bench.tasks[t].test_labels[: samples] for t in tasks}
+    matrices = cross_task_matrices(bench.encoder, encoders, head_sets, inputs, labels, device=device, progress=progress)
+    diagnostics: dict[str, Any] = {
+        "cross_task": {"tasks": tasks, "samples_per_task": samples, **matrices,
+                       "off_diagonal_mean": {k: off_diagonal_mean(m) for k, m in matrices.items()}},
+    }
+    if "symerge" in outcomes and "individual" in outcomes:
+        transfer = {}
+        reference = outcomes["individual"].per_task
+        for name in ("task_arithmetic", "adamerging"):
+            if name not in outcomes:
+                continue
+            swapped = outcomes[name].result.with_heads(head_sets["symerge"], method=f"{name}+symerge_heads")
+            accs = evaluate(swapped, bench, device)[0]
+            transfer[name] = {
+                "original_heads": {"average": mean(outcomes[name].per_task),
+                                   "normalized_average": mean(normalized(outcomes[name].per_task, reference))},
+                "symerge_heads": {"average": mean(accs), "normalized_average": mean(normalized(accs, reference)),
+                                  "per_task": accs},
+            }
+        diagnostics["head_transfer"] = transfer
+    return diagnostics

@@ -1,0 +1,151 @@
+"""Expert fine-tuning (encoder + linear head per task), cached on disk by a content hash.
+
+The cache key hashes the pretrained weights, the training data, the hyper-parameters and the seed, so changing
+any of them retrains and re-running with the same ones reuses the experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from symerge.adaptive.inputs import Inputs, num_samples, take
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 150
+    batch_size: int = 32
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    frozen_prefixes: tuple[str, ...] = ()
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "frozen_prefixes": list(self.frozen_prefixes)}
+
+
+@dataclass
+class Expert:
+    encoder_state: dict[str, Tensor]  # the fine-tuned (trainable) encoder tensors only
+    head: nn.Module
+    seconds: float
+    cached: bool
+
+
+def hash_tensors(state: Mapping[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hash_inputs(inputs: Inputs, labels: Tensor) -> str:
+    digest = hashlib.sha256()
+    items = [("x", inputs)] if isinstance(inputs, Tensor) else sorted(inputs.items())
+    for key, tensor in items:
+        digest.update(key.encode())
+        digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(labels.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def expert_key(model_hash: str, data_hash: str, head_shape: Sequence[int], config: FinetuneConfig) -> str:
+    blob = json.dumps({"model": model_hash, "data": data_hash, "head": list(head_shape), "cfg": config.as_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def trainable_keys(encoder: nn.Module, frozen_prefixes: Sequence[str]) -> list[str]:
+    return [k for k, _ in encoder.named_parameters() if not any(k.startswith(p) for p in frozen_prefixes)]
+
+
+def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor, config: FinetuneConfig,
+             device: str = "cpu", desc: str = "expert", progress: bool = True) -> tuple[nn.Module, nn.Module]:
+    """Fine-tune a copy of `encoder` with `head` by cross-entropy (AdamW, linear warm-up then decay)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(config.seed)
+    model_enc = copy.deepcopy(encoder).to(device).train()
+    model_head = copy.deepcopy(head).to(device).train()
+    keys = set(trainable_keys(model_enc, config.frozen_prefixes))
+    for name, param in model_enc.named_parameters():
+        param.requires_grad_(name in keys)
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model_enc.parameters() if p.requires_grad], "lr": config.lr},
+        {"params": list(model_head.parameters()), "lr": config.head_lr},
+    ], weight_decay=config.weight_decay)
+    warmup = max(1, config.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_linear_decay(s, warmup, config.steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    n = num_samples(inputs)
+    bar = tqdm(range(config.steps), desc=desc, leave=False, disable=not progress)
+    for _ in bar:
+        index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+        logits = model_head(call(model_enc, take(inputs, index, device)))
+        loss = nn.functional.cross_entropy(logits, labels[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model_enc.eval(), model_head.eval()
+
+
+def warmup_then_linear_decay(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up over `warmup` steps, then linear decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def call(module: nn.Module, inputs: Inputs) -> Tensor:
+    return module(inputs) if isinstance(inputs, Tensor) else module(**inputs)
+
+
+def cached_expert(
+    cache_dir: Path, encoder: nn.Module, model_hash: str, head: nn.Module, inputs: Inputs, labels: Tensor,
+    config: FinetuneConfig, device: str = "cpu", desc: str = "expert", progress: bool = True,
+) -> Expert:
+    """Load the expert from `cache_dir` if its key matches, else fine-tune and store it atomically."""
+    key = expert_key(model_hash, hash_inputs(inputs, labels), tuple(head.weight.shape), config)
+    folder = cache_dir / key
+    if (folder / "done.json").exists():
+        new_head = copy.deepcopy(head)
+        new_head.load_state_dict(load_file(str(folder / "head.safetensors")))
+        meta = json.loads((folder / "done.json").read_text())
+        return Expert(load_file(str(folder / "encoder.safetensors")), new_head.eval(), float(meta["seconds"]), True)
+    start = time.perf_counter()
+    enc, new_head = finetune(encoder, head, inputs, labels, config, device, desc, progress)
+    seconds = time.perf_counter() - start
+    keys = trainable_keys(enc, config.frozen_prefixes)
+    state = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if k in keys}
+    new_head = new_head.cpu()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+    try:
+        save_file(state, str(tmp / "encoder.safetensors"))
+        save_file({k: v.contiguous() for k, v in new_head.state_dict().items()}, str(tmp / "head.safetensors"))
+        (tmp / "done.json").write_text(json.dumps({"seconds": seconds, "config": config.as_dict()}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Expert(state, new_head, seconds, False)

@@ -1,0 +1,233 @@
+"""Run a list of merge methods on one benchmark and evaluate them the same way (shared by every suite).
+
+A benchmark is a pretrained encoder, each task's expert (fine-tuned encoder tensors + head) and per-task data:
+unlabeled adaptation inputs, labeled test data, and a small labeled validation split (used only by
+`task_arithmetic_val`, which picks λ on it, the TALL-masks protocol).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from symerge.adaptive import TrainerConfig, build_trainer, compute_expert_cache
+from symerge.adaptive.experts import ExpertCache
+from symerge.adaptive.finish import finish
+from symerge.adaptive.inputs import Inputs
+from symerge.adaptive.merged_encoder import MergedEncoder
+from symerge.errors import ValidationError
+from symerge.evaluation.metrics import accuracy, expected_calibration_error, mean, normalized
+from symerge.merging import available_methods, merge_delta
+from symerge.merging.registry import PerTaskDelta
+from symerge.result import MergeResult
+from symerge.suites.memory import track
+from symerge.taskvectors import TaskVectors
+
+ADAPTIVE = ("adamerging", "surgery", "symerge")
+SPECIAL = ("pretrained", "individual", "task_arithmetic_val")
+MERGED_BASELINES_EXCLUDED = ("pretrained", "individual")
+
+
+@dataclass
+class TaskData:
+    name: str
+    class_names: list[str]
+    adapt: Inputs
+    test: Inputs
+    test_labels: Tensor
+    val: Inputs
+    val_labels: Tensor
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class Benchmark:
+    encoder: nn.Module  # pretrained weights
+    heads: dict[str, nn.Module]  # experts' heads
+    experts: dict[str, dict[str, Tensor]]  # experts' fine-tuned encoder tensors (the merged keys)
+    tasks: dict[str, TaskData]
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def pretrained_state(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+
+    def task_vectors(self) -> TaskVectors:
+        base = self.encoder.state_dict()
+        keys = list(next(iter(self.experts.values())).keys())
+        return TaskVectors.from_state_dicts(base, self.experts, keys=keys)
+
+
+class AdaptSettings(BaseModel):
+    """Adaptation hyper-parameters used by a suite (per-method overrides in `per_method`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regime: str = "nlp"
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-2
+    layer_lr: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    curve: list[int] = Field(default_factory=lambda: [25, 50, 100, 200])
+    per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    ta_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
+
+    def trainer_config(self, method: str, progress: bool) -> TrainerConfig:
+        base = {"regime": self.regime, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+                "layer_lr": self.layer_lr, "seed": self.seed, "device": self.device, "progress": progress}
+        return TrainerConfig(**{**base, **self.per_method.get(method, {})})
+
+
+@dataclass
+class MethodOutcome:
+    result: MergeResult
+    seconds: float
+    peak_memory_mb: float
+    per_task: dict[str, float] = field(default_factory=dict)
+    ece: dict[str, float] = field(default_factory=dict)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    notes: str = ""
+
+
+def known_methods() -> list[str]:
+    return list(SPECIAL) + available_methods() + list(ADAPTIVE)
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    known = known_methods()
+    for name in methods:
+        if name not in known:
+            raise ValidationError(f"unknown method '{name}'; available: {known}")
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+def evaluate(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> tuple[dict[str, float], dict[str, float]]:
+    """(accuracy per task, ECE per task) of a result on the test (or validation) split."""
+    accs, eces = {}, {}
+    for task in result.tasks:
+        data = bench.tasks[task]
+        inputs, labels = (data.test, data.test_labels) if split == "test" else (data.val, data.val_labels)
+        logits = result.predict(task, inputs, device=device)
+        accs[task] = accuracy(logits, labels)
+        eces[task] = expected_calibration_error(logits, labels)
+    return accs, eces
+
+
+# --- static results ------------------------------------------------------------------------------------------------
+def static_result(name: str, bench: Benchmark, tv: TaskVectors, options: Mapping[str, Any]) -> MergeResult:
+    base = bench.pretrained_state()
+    if name == "pretrained":
+        return MergeResult(name, bench.task_names, bench.encoder, base, dict(bench.heads))
+    if name == "individual":
+        return MergeResult(name, bench.task_names, bench.encoder, base, dict(bench.heads),
+                           task_overrides={t: dict(bench.experts[t]) for t in bench.task_names})
+    delta = merge_delta(name, tv, **options)
+    if isinstance(delta, PerTaskDelta):
+        overrides = {t: tv.apply(d) for t, d in delta.per_task.items()}
+        return MergeResult(name, bench.task_names, bench.encoder, base, dict(bench.heads), task_overrides=overrides,
+                           provenance={"method": name, "options": dict(options), "per_task_encoder": True})
+    return MergeResult(name, bench.task_names, bench.encoder, tv.apply(delta), dict(bench.heads),
+                       provenance={"method": name, "options": dict(options)})
+
+
+def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Sequence[float], device: str) -> tuple[MergeResult, float]:
+    """Task arithmetic with λ chosen by mean validation accuracy over `grid` (TALL-masks protocol)."""
+    best: tuple[float, float, MergeResult] | None = None
+    for coef in grid:
+        result = static_result("task_arithmetic", bench, tv, {"scaling_coef": coef})
+        score = mean(evaluate(result, bench, device, split="val")[0])
+        if best is None or score > best[0]:
+            best = (score, coef, result)
+    assert best is not None
+    best[2].method = "task_arithmetic_val"
+    best[2].provenance["chosen_on_validation"] = {"scaling_coef": best[1], "val_accuracy": best[0]}
+    return best[2], best[1]
+
+
+# --- adaptive results ------------------------------------------------------------------------------------------------
+def adaptive_result(
+    name: str, bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], cache: ExpertCache,
+    settings: AdaptSettings, progress: bool, evaluate_fn: Callable[[MergeResult], dict[str, float]],
+) -> tuple[MergeResult, list[dict[str, float]]]:
+    """Train an adaptive method; evaluate at the `curve` iterations on the way (normalized accuracy vs iterations)."""
+    cfg = settings.trainer_config(name, progress)
+    options = dict(settings.method_options.get(name, {}))
+    trainer = build_trainer(name, bench.encoder, bench.heads, tv, adapt_inputs, config=cfg, cache=cache, **options)
+    steps = int(trainer.config.steps)
+    marks = sorted({s for s in settings.curve if 0 < s < steps} | {steps})
+    curve: list[dict[str, float]] = []
+    for mark in marks:
+        trainer.run(stop_after=mark - trainer.start_step)
+        if mark != steps or settings.curve:
+            scores = evaluate_fn(finish(trainer))
+            curve.append({"iterations": mark, **scores, "seconds": trainer.seconds})
+    return finish(trainer), curve
+
+
+def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], device: str, progress: bool) -> ExpertCache:
+    """Experts run ONCE over the adaptation inputs; every adaptive method reuses these outputs."""
+    merged = MergedEncoder(bench.encoder, tv).to(device)
+    return compute_expert_cache(merged, {t: h.to(device) for t, h in bench.heads.items()}, dict(adapt_inputs), 64, device, progress)
+
+
+# --- the whole run ------------------------------------------------------------------------------------------------------
+def run_methods(
+    bench: Benchmark,
+    methods: Sequence[str],
+    protocol: str,
+    settings: AdaptSettings,
+    static_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, MethodOutcome]:
+    """Run every method in `methods` (individual first: normalized accuracy needs it) and evaluate on test."""
+    check_methods(methods)
+    if protocol not in ("held-out", "transductive"):
+        raise ValidationError(f"protocol must be 'held-out' or 'transductive', got '{protocol}'")
+    order = ["individual"] + [m for m in methods if m != "individual"]
+    device = settings.device
+    tv = bench.task_vectors()
+    adapt_inputs = {t: (d.adapt if protocol == "held-out" else d.test) for t, d in bench.tasks.items()}
+    cache: ExpertCache | None = None
+    outcomes: dict[str, MethodOutcome] = {}
+
+    def normalized_scores(result: MergeResult) -> dict[str, float]:
+        accs = evaluate(result, bench, device)[0]
+        return {"average": mean(accs), "normalized_average": mean(normalized(accs, outcomes["individual"].per_task))}
+
+    for name in tqdm(order, desc="methods", disable=not progress):
+        curve: list[dict[str, float]] = []
+        notes = ""
+        with track() as meter:
+            if name in ADAPTIVE:
+                if cache is None:
+                    cache = expert_cache_for(bench, tv, adapt_inputs, device, progress)
+                    log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
+                        f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
+                result, curve = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress, normalized_scores)
+            elif name == "task_arithmetic_val":
+                result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device)
+                notes = f"λ={coef} chosen on the labeled validation split"
+            else:
+                result = static_result(name, bench, tv, (static_options or {}).get(name, {}))
+        accs, eces = evaluate(result, bench, device)
+        outcomes[name] = MethodOutcome(result, meter.seconds, meter.peak_mb, accs, eces, curve, notes)
+        log(f"{name:>22s}: average {mean(accs):.4f}  ({meter.seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")
+    return {name: outcomes[name] for name in methods if name in outcomes} | (
+        {"individual": outcomes["individual"]} if "individual" not in methods else {})

@@ -1,0 +1,156 @@
+"""`symerge bench text`: the offline text benchmark on all-MiniLM-L6-v2 (packaged on PyPI) and 8 packaged tasks.
+
+Pipeline: load tasks -> seeded disjoint splits (train for experts only / unlabeled adaptation / labeled test, plus
+a small labeled validation split carved from train for `task_arithmetic_val`) -> fine-tune one expert per task
+(MiniLM + linear head on mean-pooled tokens; cached by content hash) -> run the methods -> evaluate, diagnose,
+report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.suites.runner import AdaptSettings, Benchmark, TaskData
+
+DEFAULT_METHODS = [
+    "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties", "dare",
+    "magmax", "lines", "consensus", "pcb", "tsv", "iso_c", "iso_cts", "emr", "adamerging", "surgery", "symerge",
+]
+QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
+
+
+class TextSuiteConfig(BaseModel):
+    """Everything that defines a text-suite run; the defaults are the documented benchmark."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(default_factory=list, description="task names; empty = the 8 defaults")
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    protocol: Literal["held-out", "transductive"] = "held-out"
+    seed: int = 0
+    device: str = "cpu"
+    max_test: int = 400
+    max_adapt: int = 600
+    max_train: int = 2000
+    n_val: int = 100
+    max_len: int = 64
+    expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 150, "batch_size": 32, "lr": 1e-4, "head_lr": 2e-3})
+    freeze_word_embeddings: bool = True
+    adapt: AdaptSettings = Field(default_factory=lambda: AdaptSettings(regime="nlp", steps=200, batch_size=16,
+                                                                        lr=1e-2, layer_lr=1e-2,
+                                                                        curve=[25, 50, 100, 200]))
+    cross_task_samples: int = 200
+    quick: bool = False
+
+    @classmethod
+    def quick_preset(cls, **overrides: Any) -> "TextSuiteConfig":
+        """A ≤ 3-minute smoke run: 4 tasks, small splits, short training."""
+        base = dict(tasks=list(QUICK_TASKS), max_test=100, max_adapt=100, max_train=300, n_val=40, max_len=48,
+                    expert={"steps": 40, "batch_size": 16, "lr": 1e-4, "head_lr": 2e-3},
+                    adapt=AdaptSettings(regime="nlp", steps=30, batch_size=16, lr=1e-2, layer_lr=1e-2, curve=[10, 30]),
+                    cross_task_samples=60, quick=True,
+                    methods=["pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val",
+                             "ties", "adamerging", "surgery", "symerge"])
+        return cls(**{**base, **overrides})
+
+
+def split_sizes(n: int, cfg: TextSuiteConfig) -> tuple[int, int, int]:
+    """(train, adapt, test) sizes: test ≤ 25 %, adapt ≤ 30 % of the task, the rest (≤ max_train) trains experts."""
+    n_test = min(cfg.max_test, n // 4)
+    n_adapt = min(cfg.max_adapt, (3 * n) // 10)
+    return min(cfg.max_train, n - n_test - n_adapt), n_adapt, n_test
+
+
+def tokenized_task(name: str, class_names: list[str], texts: Any, tokenizer: Any, cfg: TextSuiteConfig) -> tuple[TaskData, dict[str, Any]]:
+    """Tokenize one task's splits; returns TaskData and the expert's training inputs / labels."""
+    from symerge.data.text_tasks import split_task
+    from symerge.models.text import tokenize
+
+    n_train, n_adapt, n_test = split_sizes(len(texts.texts), cfg)
+    split = split_task(texts, n_train, n_adapt, n_test, cfg.seed)
+    train_x, train_y = split.train
+    n_val = min(cfg.n_val, len(train_x) // 5)
+    val_x, val_y, train_x, train_y = train_x[:n_val], train_y[:n_val], train_x[n_val:], train_y[n_val:]
+    enc = lambda xs: tokenize(tokenizer, xs, cfg.max_len)  # noqa: E731
+    data = TaskData(
+        name=name, class_names=list(class_names), adapt=enc(split.adapt[0]), test=enc(split.test[0]),
+        test_labels=torch.tensor(split.test[1]), val=enc(val_x), val_labels=torch.tensor(val_y),
+        sizes={"n_train": len(train_x), "n_val": n_val, "n_adapt": len(split.adapt[0]), "n_test": len(split.test[0])},
+    )
+    return data, {"inputs": enc(train_x), "labels": torch.tensor(train_y)}
+
+
+def build_text_benchmark(
+    cfg: TextSuiteConfig,
+    model_dir: Path,
+    tasks: Sequence[Any],
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[Benchmark, dict[str, Any]]:
+    """Tokenize, fine-tune (or load cached) experts and assemble the Benchmark."""
+    from symerge.models.text import linear_head, load_text_encoder
+
+    encoder, tokenizer = load_text_encoder(model_dir)
+    model_hash = hash_tensors(encoder.state_dict())
+    frozen = ("body.embeddings.word_embeddings.",) if cfg.freeze_word_embeddings else ()
+    ft = FinetuneConfig(**cfg.expert, frozen_prefixes=frozen, seed=cfg.seed)
+    datas: dict[str, TaskData] = {}
+    heads, experts, info = {}, {}, {"experts": {}, "finetune": ft.as_dict()}
+    for index, task in enumerate(tasks):
+        data, train = tokenized_task(task.name, task.class_names, task, tokenizer, cfg)
+        head = linear_head(encoder.hidden_size, len(task.class_names), cfg.seed * 1000 + index)
+        expert = cached_expert(cache_dir, encoder, model_hash, head, train["inputs"], train["labels"], ft,
+                               cfg.device, desc=f"expert {task.name}", progress=progress)
+        log(f"expert {task.name}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
+        datas[task.name], heads[task.name], experts[task.name] = data, expert.head, expert.encoder_state
+        info["experts"][task.name] = {"seconds": expert.seconds, "cached": expert.cached}
+    return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=datas), info
+
+
+def load_default_tasks(names: Sequence[str]) -> list[Any]:
+    from symerge.data.text_tasks import DEFAULT_TASKS, load_text_task
+
+    return [load_text_task(n) for n in (names or DEFAULT_TASKS)]
+
+
+def run_text_suite(
+    cfg: TextSuiteConfig,
+    out_dir: Path,
+    model_dir: Path | None = None,
+    tasks: Sequence[Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the whole suite and write report.json / report.md / plots into `out_dir`; returns the report."""
+    from symerge.data.fetch import cache_root, fetch_minilm
+    from symerge.report.writer import build_report, write_report
+    from symerge.suites.diagnostics import run_diagnostics
+    from symerge.suites.runner import run_methods
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model_dir = Path(model_dir) if model_dir is not None else fetch_minilm()
+    task_list = list(tasks) if tasks is not None else load_default_tasks(cfg.tasks)
+    log(f"text suite: {len(task_list)} tasks, protocol {cfg.protocol}, model {model_dir}")
+    bench, info = build_text_benchmark(cfg, model_dir, task_list, cache_root() / "experts" / "text", log, progress)
+    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device}),
+                           progress=progress, log=log)
+    diagnostics = run_diagnostics(bench, outcomes, cfg.cross_task_samples, cfg.device, progress)
+    report = build_report("text", cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
+                          config=cfg.model_dump(mode="json"), extra={**info, "model_dir": str(model_dir),
+                                                                      "total_seconds": time.perf_counter() - start,
+                                                                      "sources": {t.name: t.source for t in task_list}})
+    write_report(report, outcomes, out_dir)
+    return report

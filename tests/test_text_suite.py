@@ -1,0 +1,98 @@
+"""The text suite end to end on a tiny random BERT and synthetic text (no downloads), plus a slow real run."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from symerge.data.text_tasks import TextTask
+from symerge.suites.runner import AdaptSettings
+from symerge.suites.text import TextSuiteConfig, run_text_suite
+
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def synthetic_task(name: str, classes: int, seed: int, n: int = 160) -> TextTask:
+    """Each class has its own keywords hidden among random filler words."""
+    rng = random.Random(seed)
+    keywords = {c: rng.sample(WORDS[:30], 3) for c in range(classes)}
+    texts, labels = [], []
+    for i in range(n):
+        label = i % classes
+        words = rng.sample(WORDS[30:], 5) + [rng.choice(keywords[label])]
+        rng.shuffle(words)
+        texts.append(" ".join(words) + f" n{i}")
+        labels.append(label)
+    return TextTask(name, texts, labels, [f"c{c}" for c in range(classes)], "synthetic")
+
+
+def tiny_bert_dir(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"n{i}" for i in range(200)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
+    tasks = [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2), synthetic_task("gamma", 4, 3)]
+    cfg = TextSuiteConfig(
+        max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12,
+        expert={"steps": 30, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2}, freeze_word_embeddings=False,
+        adapt=AdaptSettings(steps=6, batch_size=8, curve=[3, 6]), cross_task_samples=20,
+        methods=["pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
+                 "adamerging", "surgery", "symerge"],
+    )
+    out = tmp_path / "run"
+    report = run_text_suite(cfg, out, model_dir=model_dir, tasks=tasks, progress=False, log=lambda _: None)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["suite"] == "text" and on_disk["protocol"] == "held-out" and on_disk["seed"] == 0
+    assert [t["name"] for t in on_disk["tasks"]] == ["alpha", "beta", "gamma"]
+    assert {"num_classes", "n_train", "n_adapt", "n_test"} <= set(on_disk["tasks"][0])
+    for name in cfg.methods:
+        entry = on_disk["methods"][name]
+        assert set(entry["per_task"]) == {"alpha", "beta", "gamma"}
+        assert all(0.0 <= v <= 1.0 for v in entry["per_task"].values())
+        for key in ("average", "normalized_average", "ece", "seconds", "peak_memory_mb"):
+            assert isinstance(entry[key], float)
+    assert on_disk["methods"]["individual"]["normalized_average"] == pytest.approx(1.0)
+    assert [p["iterations"] for p in on_disk["methods"]["symerge"]["curve"]] == [3, 6]
+    assert on_disk["methods"]["symerge"]["expert_runs_per_sample"] == {"alpha": 1.0, "beta": 1.0, "gamma": 1.0}
+    cross = on_disk["cross_task"]
+    assert len(cross["original"]) == 3 and len(cross["symerge"][0]) == 3
+    assert "task_arithmetic" in on_disk["head_transfer"]
+    for name in ("accuracy.png", "normalized.png", "cross_task.png", "lambda_symerge.png", "loss.png", "iterations.png"):
+        assert (out / name).stat().st_size > 1000, name
+    markdown = (out / "report.md").read_text()
+    assert "| symerge |" in markdown or "| **symerge** |" in markdown
+    assert "Quality vs adaptation iterations" in markdown
+    # experts are cached: a second run fine-tunes nothing
+    messages: list[str] = []
+    run_text_suite(cfg.model_copy(update={"methods": ["individual", "task_arithmetic"]}), tmp_path / "run2",
+                   model_dir=model_dir, tasks=tasks, progress=False, log=messages.append)
+    assert sum("cached" in m for m in messages) == 3
+
+
+@pytest.mark.slow
+def test_text_suite_quick_on_real_minilm(tmp_path):
+    cfg = TextSuiteConfig.quick_preset()
+    report = run_text_suite(cfg, tmp_path / "quick", progress=False)
+    methods = report["methods"]
+    assert methods["individual"]["average"] > 0.7
+    assert methods["symerge"]["normalized_average"] > methods["task_arithmetic"]["normalized_average"]
+    assert (tmp_path / "quick" / "report.md").exists()
