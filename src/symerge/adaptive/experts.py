@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, batch_indices, call_module, num_samples, take
+from symerge.adaptive.inputs import Inputs, batch_indices, encode_all, num_samples
 from symerge.adaptive.merged_encoder import MergedEncoder
 
 
@@ -49,12 +49,9 @@ def compute_expert_cache(
     for task in tqdm(merged.tasks, desc="expert outputs", disable=not progress, leave=False):
         params = merged.task_params(task)
         head = heads[task].eval()
-        outs, feats = [], []
-        for index in batch_indices(num_samples(inputs[task]), batch_size):
-            feat = call_module(merged.encoder, take(inputs[task], index, device), params)
-            feats.append(feat.float().cpu())
-            outs.append(head(feat).float().cpu())
-        outputs[task], features[task] = torch.cat(outs), torch.cat(feats)
+        features[task] = encode_all(merged.encoder, inputs[task], params, batch_size, device)
+        outputs[task] = torch.cat([head(features[task][i].to(device)).float().cpu()
+                                   for i in batch_indices(len(features[task]), batch_size)])
         passes[task] = num_samples(inputs[task])
         del params
     return ExpertCache(outputs=outputs, features=features, forward_passes=passes, seconds=time.perf_counter() - start)

@@ -54,12 +54,29 @@ def batch_indices(num: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
 
 
+def length_order(inputs: Inputs) -> Tensor | None:
+    """Sample order by sequence length (for token inputs), so each batch pads only to similar lengths."""
+    if isinstance(inputs, Tensor) or "attention_mask" not in inputs:
+        return None
+    return torch.argsort(inputs["attention_mask"].sum(dim=1), stable=True)
+
+
 @torch.no_grad()
 def encode_all(
     module: nn.Module, inputs: Inputs, params: Mapping[str, Tensor] | None = None, batch_size: int = 64,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """Run `module` (optionally with substituted weights) over all inputs in batches; float32 on CPU."""
-    outs = [call_module(module, take(inputs, index, device), params).float().cpu()
-            for index in batch_indices(num_samples(inputs), batch_size)]
-    return torch.cat(outs)
+    """Run `module` (optionally with substituted weights) over all inputs in batches; float32 on CPU.
+
+    Token inputs are processed in length order (padding trimmed per batch) and returned in the original order.
+    """
+    order = length_order(inputs)
+    source = inputs if order is None else take(inputs, order)
+    outs = [call_module(module, take(source, index, device), params).float().cpu()
+            for index in batch_indices(num_samples(source), batch_size)]
+    result = torch.cat(outs)
+    if order is None:
+        return result
+    restored = torch.empty_like(result)
+    restored[order] = result
+    return restored

@@ -58,6 +58,7 @@ class Trainer:
                 raise ValidationError(f"task '{task}' has no adaptation inputs")
         self.method = method
         self.inputs = inputs
+        start = time.perf_counter()
         method.prepare(inputs, config.expert_batch_size, config.device)
         self.cache = cache
         self.config = config
@@ -66,7 +67,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.skipped_steps = 0
-        self.seconds = 0.0
+        self.seconds = time.perf_counter() - start  # adaptation wall time (prepare + loop), evaluation excluded
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state(self, step: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class FinetuneConfig:
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     frozen_prefixes: tuple[str, ...] = ()
+    freeze_batchnorm: bool = True  # BN layers stay in eval mode (frozen running statistics) while fine-tuning
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -81,6 +82,10 @@ def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor
 
     torch.manual_seed(config.seed)
     model_enc = copy.deepcopy(encoder).to(device).train()
+    if config.freeze_batchnorm:
+        for module in model_enc.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     model_head = copy.deepcopy(head).to(device).train()
     keys = set(trainable_keys(model_enc, config.frozen_prefixes))
     for name, param in model_enc.named_parameters():

@@ -163,21 +163,24 @@ def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Seque
 # --- adaptive results ------------------------------------------------------------------------------------------------
 def adaptive_result(
     name: str, bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], cache: ExpertCache,
-    settings: AdaptSettings, progress: bool, evaluate_fn: Callable[[MergeResult], dict[str, float]],
-) -> tuple[MergeResult, list[dict[str, float]]]:
-    """Train an adaptive method; evaluate at the `curve` iterations on the way (normalized accuracy vs iterations)."""
+    settings: AdaptSettings, progress: bool, curve_point: Callable[[dict[str, float]], dict[str, float]],
+) -> tuple[MergeResult, list[dict[str, float]], tuple[dict[str, float], dict[str, float]]]:
+    """Train an adaptive method, evaluating at the `curve` iterations on the way (quality vs iterations).
+
+    Returns the result, the curve, and the final (accuracy, ECE) per task (the last curve evaluation, reused).
+    """
     cfg = settings.trainer_config(name, progress)
     options = dict(settings.method_options.get(name, {}))
     trainer = build_trainer(name, bench.encoder, bench.heads, tv, adapt_inputs, config=cfg, cache=cache, **options)
     steps = int(trainer.config.steps)
     marks = sorted({s for s in settings.curve if 0 < s < steps} | {steps})
     curve: list[dict[str, float]] = []
+    scores: tuple[dict[str, float], dict[str, float]] = ({}, {})
     for mark in marks:
         trainer.run(stop_after=mark - trainer.start_step)
-        if mark != steps or settings.curve:
-            scores = evaluate_fn(finish(trainer))
-            curve.append({"iterations": mark, **scores, "seconds": trainer.seconds})
-    return finish(trainer), curve
+        scores = evaluate(finish(trainer), bench, settings.device)
+        curve.append({"iterations": mark, **curve_point(scores[0]), "seconds": trainer.seconds})
+    return finish(trainer), curve, scores
 
 
 def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], device: str, progress: bool) -> ExpertCache:
@@ -207,8 +210,7 @@ def run_methods(
     cache: ExpertCache | None = None
     outcomes: dict[str, MethodOutcome] = {}
 
-    def normalized_scores(result: MergeResult) -> dict[str, float]:
-        accs = evaluate(result, bench, device)[0]
+    def curve_point(accs: dict[str, float]) -> dict[str, float]:
         return {"average": mean(accs), "normalized_average": mean(normalized(accs, outcomes["individual"].per_task))}
 
     for name in tqdm(order, desc="methods", disable=not progress):
@@ -220,14 +222,18 @@ def run_methods(
                     cache = expert_cache_for(bench, tv, adapt_inputs, device, progress)
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
                         f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
-                result, curve = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress, normalized_scores)
+                result, curve, (accs, eces) = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
+                                                              curve_point)
             elif name == "task_arithmetic_val":
                 result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device)
                 notes = f"λ={coef} chosen on the labeled validation split"
             else:
                 result = static_result(name, bench, tv, (static_options or {}).get(name, {}))
-        accs, eces = evaluate(result, bench, device)
-        outcomes[name] = MethodOutcome(result, meter.seconds, meter.peak_mb, accs, eces, curve, notes)
-        log(f"{name:>22s}: average {mean(accs):.4f}  ({meter.seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")
+        if name not in ADAPTIVE:
+            accs, eces = evaluate(result, bench, device)
+        # Seconds = merging / adaptation work only (evaluation excluded; the shared expert pass is reported apart).
+        seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if name in ADAPTIVE else meter.seconds
+        outcomes[name] = MethodOutcome(result, seconds, meter.peak_mb, accs, eces, curve, notes)
+        log(f"{name:>22s}: average {mean(accs):.4f}  ({seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")
     return {name: outcomes[name] for name in methods if name in outcomes} | (
         {"individual": outcomes["individual"]} if "individual" not in methods else {})
