@@ -18,6 +18,8 @@ from symerge.errors import ValidationError
 from symerge.merging import PerTaskDelta, merge, merge_delta
 from symerge.merging.consensus import tall_masks
 from symerge.merging.lines import depth_fractions, parse_block
+from symerge.merging import select_ops
+from symerge.merging.select_ops import kth_smallest
 from symerge.taskvectors import TaskVectors
 
 NEW_METHODS = ["magmax", "lines", "consensus", "pcb", "tsv", "iso_c", "iso_cts", "emr"]
@@ -110,6 +112,15 @@ def assert_delta_close(got, want, atol=ATOL, rtol=RTOL):
     for key in want:
         np.testing.assert_allclose(got[key].double().numpy(), np.asarray(want[key], dtype=np.float64),
                                    atol=atol, rtol=rtol, err_msg=key)
+
+
+@pytest.fixture
+def one_thread():
+    """Time-sensitive tests run single-threaded: OpenMP threads spin badly on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tv_of(pre, experts, dtype=torch.float32):
@@ -367,6 +378,38 @@ def test_pcb_clamp_ratio_matches_official_code():
     assert_state_close(merge("pcb", pre, experts, pcb_ratio=0.2, scaling_coef=1.0, clamp_ratio=0.05), want, pre)
 
 
+def test_pcb_matches_official_code_on_a_long_vector(monkeypatch, one_thread):
+    """The sampled exact selection path of `select_ops.kth_smallest` (forced on for a 90k-entry vector)."""
+    monkeypatch.setattr(select_ops, "DIRECT_BELOW", 1000)
+    rng = np.random.default_rng(26)
+    pre = {"w": torch.zeros(300, 300), "b": torch.zeros(300)}
+    experts = {f"t{i}": {k: torch.from_numpy(rng.standard_normal(v.shape) * (0.01 + 0.01 * i)).float()
+                         for k, v in pre.items()} for i in range(3)}
+    tau = task_vectors_np(pre, experts)
+    want = ref_pcb(tau, ["w", "b"], 0.1, 1.0)
+    assert_state_close(merge("pcb", pre, experts, pcb_ratio=0.1, scaling_coef=1.0), want, pre)
+
+
+@pytest.mark.parametrize("kind", ["normal", "sorted", "duplicates", "constant", "adversarial"])
+def test_kth_smallest_is_exact(kind, monkeypatch, one_thread):
+    monkeypatch.setattr(select_ops, "DIRECT_BELOW", 1000)  # take the sampled path on a short vector
+    g = torch.Generator().manual_seed(27)
+    n = 200_003
+    if kind == "normal":
+        rows = torch.randn(2, n, generator=g)
+    elif kind == "sorted":
+        rows = torch.randn(2, n, generator=g).sort(dim=1).values
+    elif kind == "duplicates":
+        rows = torch.randint(0, 5, (2, n), generator=g).float()
+    elif kind == "constant":
+        rows = torch.full((2, n), 0.25)
+    else:  # the strided sample sees only the large entries: the bracket misses and the fallback must kick in
+        rows = torch.zeros(2, n)
+        rows[:, ::3] = 1.0
+    for k in [1, 17, n // 3, n - 1000, n]:
+        torch.testing.assert_close(kth_smallest(rows, k), rows.kthvalue(k, dim=1).values, atol=0, rtol=0)
+
+
 def test_pcb_rejects_bad_ratio():
     pre, experts = make_pool(2, seed=25)
     with pytest.raises(ValidationError, match="pcb_ratio"):
@@ -498,6 +541,13 @@ def test_lines_errors_without_parseable_names():
         merge("lines", pre, experts)
     with pytest.raises(ValidationError, match="not in the model"):
         merge("lines", pre, experts, layer_index={"missing.w": 0})
+
+
+def test_lines_rejects_per_task_or_recursive_base():
+    pre, experts = make_pool(2, seed=76)
+    for base in ("emr", "lines"):
+        with pytest.raises(ValidationError, match="single-model"):
+            merge("lines", pre, experts, base=base)
 
 
 def test_lines_block_name_parsing():
@@ -661,7 +711,7 @@ def test_zero_task_vectors_give_zero_updates():
                 assert torch.equal(value, pre[key]), (method, key)
 
 
-def test_no_python_loop_over_entries_speed_smoke():
+def test_no_python_loop_over_entries_speed_smoke(one_thread):
     """A 64×256 layer with 8 tasks in well under a second per method (catches accidental per-entry loops)."""
     import time
 

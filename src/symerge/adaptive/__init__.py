@@ -97,9 +97,7 @@ def build_trainer(
         adaptive = cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
     except TypeError as err:
         raise ValidationError(f"adaptive method '{method}': {err}") from None
-    trainer = Trainer(adaptive, dict(inputs), cache, cfg)
-    trainer.method_options = options  # type: ignore[attr-defined]
-    return trainer
+    return Trainer(adaptive, dict(inputs), cache, cfg, method_options=options)
 
 
 def adapt(

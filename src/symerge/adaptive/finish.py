@@ -11,7 +11,7 @@ def finish(trainer: Trainer) -> MergeResult:
     cfg = trainer.config
     provenance = {
         "method": trainer.method.name,
-        "options": {k: v for k, v in getattr(trainer, "method_options", {}).items()},
+        "options": {k: v for k, v in trainer.method_options.items() if k != "feature_dim"},
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"),
         "granularity": trainer.method.merged.granularity,

@@ -9,8 +9,6 @@ A non-finite loss or gradient skips the step with a warning. Checkpoints are wri
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -21,26 +19,14 @@ import torch
 from torch import Tensor
 
 from symerge.adaptive.base import AdaptiveMethod
+from symerge.atomic import atomic_save
 from symerge.adaptive.config import TrainerConfig
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs, num_samples, take
-from symerge.adaptive.sampling import batch_for_step, task_order
+from symerge.adaptive.sampling import make_samplers, task_order
 from symerge.errors import ValidationError
 
 StepCallback = Callable[[int, str, "Tensor | None"], None]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def grads_finite(params: list[torch.nn.Parameter]) -> bool:
@@ -50,13 +36,15 @@ def grads_finite(params: list[torch.nn.Parameter]) -> bool:
 class Trainer:
     """Runs an `AdaptiveMethod` over cached expert outputs."""
 
-    def __init__(self, method: AdaptiveMethod, inputs: dict[str, Inputs], cache: ExpertCache, config: TrainerConfig):
+    def __init__(self, method: AdaptiveMethod, inputs: dict[str, Inputs], cache: ExpertCache, config: TrainerConfig,
+                 method_options: dict[str, Any] | None = None):
         for task in method.tasks:
             if task not in inputs:
                 raise ValidationError(f"no adaptation inputs for task '{task}'")
             if num_samples(inputs[task]) == 0:
                 raise ValidationError(f"task '{task}' has no adaptation inputs")
         self.method = method
+        self.method_options = dict(method_options or {})  # recorded in the result's provenance
         self.inputs = inputs
         start = time.perf_counter()
         method.prepare(inputs, config.expert_batch_size, config.device)
@@ -64,6 +52,7 @@ class Trainer:
         self.config = config
         self.optimizer = torch.optim.Adam(method.param_groups(config.lr, config.layer_lr), betas=(0.9, 0.999))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.samplers = make_samplers(config.seed, [inputs[t] for t in method.tasks], config.batch_size)
         self.history: list[dict[str, float]] = []
         self.start_step = 0
         self.skipped_steps = 0
@@ -103,7 +92,7 @@ class Trainer:
         """Forward + backward of one task's batch; returns the loss value or None if skipped."""
         cfg = self.config
         task_index = self.method.tasks.index(task)
-        index = batch_for_step(cfg.seed, task_index, step, cfg.batch_size, num_samples(self.inputs[task]))
+        index = self.samplers[task_index].batch(step)
         batch = take(self.inputs[task], index, cfg.device)
         loss = self.method.task_loss(task, batch, index, self.cache)
         value: float | None = None

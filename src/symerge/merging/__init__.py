@@ -16,7 +16,7 @@ from symerge.taskvectors import TaskVectors
 from symerge.validation import StateDict
 
 # Importing the method modules registers them.
-from symerge.merging import weight_averaging, task_arithmetic, ties, dare  # noqa: E402,F401  isort: skip
+from symerge.merging import weight_averaging, task_arithmetic, ties, dare, magmax, lines, consensus, pcb, tsv, iso, emr  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "merge", "merge_task_vectors", "merge_delta", "available_methods", "get_method", "register",

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from symerge.atomic import atomic_directory
 from symerge.evaluation.metrics import mean, normalized
 from symerge.suites.runner import Benchmark, MethodOutcome
 
@@ -64,16 +62,7 @@ def write_report(report: Mapping[str, Any], outcomes: Mapping[str, MethodOutcome
     from symerge.report.markdown import render_markdown
     from symerge.report.plots import make_plots
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(Path(out_dir)) as tmp:
         plots = make_plots(report, tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
         (tmp / "report.md").write_text(render_markdown(report, plots))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

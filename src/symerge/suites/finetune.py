@@ -9,9 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.adaptive.sampling import TaskSampler, token_lengths
+from symerge.atomic import atomic_directory
 
 
 @dataclass(frozen=True)
@@ -96,11 +95,10 @@ def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor
     ], weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_linear_decay(s, warmup, config.steps))
-    generator = torch.Generator().manual_seed(config.seed)
-    n = num_samples(inputs)
+    sampler = TaskSampler(config.seed, 0, num_samples(inputs), config.batch_size, token_lengths(inputs))
     bar = tqdm(range(config.steps), desc=desc, leave=False, disable=not progress)
-    for _ in bar:
-        index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+    for step in bar:
+        index = sampler.batch(step)
         logits = model_head(call(model_enc, take(inputs, index, device)))
         loss = nn.functional.cross_entropy(logits, labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -141,16 +139,8 @@ def cached_expert(
     keys = trainable_keys(enc, config.frozen_prefixes)
     state = {k: v.detach().cpu().contiguous() for k, v in enc.state_dict().items() if k in keys}
     new_head = new_head.cpu()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
-    try:
+    with atomic_directory(folder) as tmp:
         save_file(state, str(tmp / "encoder.safetensors"))
         save_file({k: v.contiguous() for k, v in new_head.state_dict().items()}, str(tmp / "head.safetensors"))
         (tmp / "done.json").write_text(json.dumps({"seconds": seconds, "config": config.as_dict()}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return Expert(state, new_head, seconds, False)
