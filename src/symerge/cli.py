@@ -43,12 +43,49 @@ def cmd_bench_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_vision(args: argparse.Namespace) -> int:
+    import torch
+
+    from symerge.report.markdown import methods_table
+    from symerge.suites.runner import check_methods, known_methods
+    from symerge.suites.vision import VisionSuiteConfig, run_vision_suite
+
+    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, "bn_reestimate": args.bn_reestimate}
+    methods = parse_methods(args.methods)
+    if methods == ["all"]:
+        methods = known_methods()
+    if methods:
+        check_methods(methods)
+        overrides["methods"] = methods
+    if args.tasks:
+        overrides["tasks"] = parse_methods(args.tasks)
+    cfg = VisionSuiteConfig.quick_preset(**overrides) if args.quick else VisionSuiteConfig(**overrides)
+    out = Path(args.out or f"runs/vision-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise SymergeError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_vision_suite(cfg, out, progress=not args.no_progress)
+    print()
+    print(methods_table(report))
+    print(f"\nreport: {out / 'report.md'}  ({report['total_seconds']:.0f} s)")
+    return 0
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from symerge.adaptive import adaptive_methods
     from symerge.merging import available_methods
 
     print("static:  ", ", ".join(available_methods()))
     print("adaptive:", ", ".join(adaptive_methods()))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from symerge.pipeline import run_merge
+
+    result, out = run_merge(args.config, overwrite=True if args.overwrite else None, progress=not args.no_progress)
+    print(f"merged {len(result.tasks)} tasks ({', '.join(result.tasks)}) with '{result.method}' -> {out}")
     return 0
 
 
@@ -69,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     text.add_argument("--no-progress", action="store_true", help="no progress bars")
     text.set_defaults(func=cmd_bench_text)
+    vision = suites.add_parser("vision", help="ImageNet MobileNetV2 on 6 packaged image-classification tasks")
+    vision.add_argument("--out", help="output dir (default runs/vision-<timestamp>)")
+    vision.add_argument("--protocol", choices=["held-out", "transductive"], default="held-out")
+    vision.add_argument("--methods", help="comma-separated method names, or 'all' (default: the demo list)")
+    vision.add_argument("--tasks", help="comma-separated task names (default: the 6 defaults)")
+    vision.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, small sizes, short training")
+    vision.add_argument("--seed", type=int, default=0)
+    vision.add_argument("--device", default="cpu", help="cpu or cuda")
+    vision.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    vision.add_argument("--bn-reestimate", action="store_true",
+                        help="re-estimate BatchNorm statistics on the unlabeled adaptation inputs after every merge")
+    vision.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    vision.add_argument("--no-progress", action="store_true", help="no progress bars")
+    vision.set_defaults(func=cmd_bench_vision)
+    merge = sub.add_parser("merge", help="merge your own checkpoints as described by a YAML config")
+    merge.add_argument("config", help="config file (see README, 'Merging your own checkpoints')")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bars")
+    merge.set_defaults(func=cmd_merge)
+    from symerge.models.convert import register_convert_command
+
+    register_convert_command(sub)
     methods = sub.add_parser("methods", help="list the registered merge methods")
     methods.set_defaults(func=cmd_methods)
     return parser
