@@ -575,7 +575,7 @@ def test_ties_sum_equals_mean_times_agreeing_count():
         torch.testing.assert_close(total[key] - pre[key], (mean[key] - pre[key]) * count, atol=1e-5, rtol=1e-5)
 
 
-def test_math_isclose_helpers_sanity():
+def test_reference_trim_keeps_top_k():
     """The reference trim keeps exactly int(n·density) entries on distinct magnitudes."""
     values = np.array([0.1, -0.5, 0.3, 0.9, -0.2, 0.05, 0.7, -0.8, 0.6, 0.4], dtype=np.float32)
     kept = ref_trim(values, 0.3)

@@ -14,9 +14,11 @@ def keep_count(numel: int, density: float) -> int:
 
 
 def magnitude_threshold(abs_values: Tensor, density: float) -> Tensor | None:
-    """Threshold t so that |x| >= t keeps the top `density` share of `abs_values` (1-D), as in the TIES code.
+    """Threshold t so that |x| >= t keeps the top `density` share of `abs_values` (1-D): t is the k-th largest.
 
-    Returns None when everything is kept. Ties at the threshold are kept (TIES' `>= kthvalue` rule).
+    Exactly k = int(n · density) entries are kept (as in the TIES paper, PEFT and mergekit), except that ties at
+    the threshold are all kept (TIES' `>= kthvalue` rule). The official TIES code takes `kthvalue(n − k)`, the
+    (k+1)-th largest, and so keeps one entry more. Returns None when everything is kept.
     """
     numel = abs_values.numel()
     kept = keep_count(numel, density)
@@ -24,7 +26,7 @@ def magnitude_threshold(abs_values: Tensor, density: float) -> Tensor | None:
         return None
     if kept <= 0:
         return torch.tensor(float("inf"))
-    return abs_values.kthvalue(numel - kept).values
+    return abs_values.kthvalue(numel - kept + 1).values
 
 
 def trim_per_tensor(stacked: Tensor, density: float) -> Tensor:
@@ -39,6 +41,8 @@ def trim_per_tensor(stacked: Tensor, density: float) -> Tensor:
 
 def global_thresholds(vectors: Mapping[str, Tensor], density: float) -> list[Tensor | None]:
     """Per task, the magnitude threshold over its WHOLE flattened task vector (all tensors together)."""
+    if not vectors:
+        return []
     num_tasks = next(iter(vectors.values())).shape[0]
     thresholds: list[Tensor | None] = []
     for k in range(num_tasks):

@@ -9,8 +9,10 @@ Where the peers disagree:
   vector); `"per_tensor"` trims each tensor separately (mergekit and PEFT).
 - `disjoint_merge="mean"` (default, TIES paper / official code / mergekit / PEFT); `"sum"` reproduces
   FusionBench's default (sum of agreeing entries).
-Entries where the summed mass is exactly zero take the sign of the total mass of the whole task-vector sum
-(the official code's "majority" rule), computed over the same scope as trimming.
+Entries where the summed mass is exactly zero take the majority sign: the sign of Σ γ, i.e. whether more entries
+elected + than − (the official code's `resolve_zero_signs(..., "majority")`; +1 on a tie, like mergekit and
+PEFT), counted over the same scope as trimming. Trimming keeps exactly int(n · density) entries per task (ties at
+the threshold kept); the official code keeps one more.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ def ties_delta(tv: TaskVectors, density: float, scaling_coef: float, trim_scope:
     trimmed: dict[str, torch.Tensor] = {}
     for key, vec in tv.items_float():
         trimmed[key] = trim_with_thresholds(vec, thresholds) if thresholds is not None else trim_per_tensor(vec, density)
+    # Zero votes take the majority sign: the sign of Σ γ over the trim scope (positive minus negative elections).
+    votes = {key: int(torch.sign(t.sum(dim=0)).sum()) for key, t in trimmed.items()}
     if trim_scope == "global":
-        total_mass = sum(float(t.sum()) for t in trimmed.values())
-        fallbacks = {key: 1.0 if total_mass >= 0 else -1.0 for key in trimmed}
+        total_votes = sum(votes.values())
+        fallbacks = {key: 1.0 if total_votes >= 0 else -1.0 for key in trimmed}
     else:
-        fallbacks = {key: 1.0 if float(t.sum()) >= 0 else -1.0 for key, t in trimmed.items()}
+        fallbacks = {key: 1.0 if v >= 0 else -1.0 for key, v in votes.items()}
     return {
         key: disjoint_merge(t, elect_sign(t, fallbacks[key]), disjoint) * scaling_coef for key, t in trimmed.items()
     }
