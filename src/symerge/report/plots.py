@@ -44,12 +44,11 @@ def normalized_bars(report: Mapping[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     colors = ["tab:red" if names[i] == "symerge" else "tab:blue" for i in order]
     ax.barh([names[i] for i in order], [values[i] for i in order], color=colors)
-    ax.axvline(100, color="black", linestyle="--", linewidth=1, label="individual experts")
+    ax.axvline(100, color="black", linestyle="--", linewidth=1)
     for k, i in enumerate(order):
         ax.text(values[i] + 0.5, k, f"{values[i]:.1f}", va="center", fontsize=8)
-    ax.set_xlabel("normalized accuracy (% of the experts)")
+    ax.set_xlabel("normalized accuracy (% of the individual experts, dashed line)")
     ax.set_xlim(0, max(105, max(values) + 8))
-    ax.legend(loc="lower right")
     save(fig, path)
 
 
@@ -57,15 +56,17 @@ def cross_task_heatmaps(report: Mapping[str, Any], path: Path) -> None:
     cross = report["cross_task"]
     names = [n for n in ("original", "symerge") if n in cross]
     tasks = cross["tasks"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(1, len(names), figsize=(5.6 * len(names) + 1.5, 5.0), squeeze=False,
+                             constrained_layout=True)
+    for index, (ax, name) in enumerate(zip(axes[0], names)):
         values = np.array(cross[name]) * 100
         image = ax.imshow(values, cmap="magma", vmin=0, vmax=100)
         ax.set_title(f"{name} heads (off-diag {100 * cross['off_diagonal_mean'][name]:.1f}%)")
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks if index == 0 else [""] * len(tasks), fontsize=7)
         ax.set_xlabel("head / data of task j")
-        ax.set_ylabel("encoder θ_pre + τ_i")
+        if index == 0:
+            ax.set_ylabel("encoder θ_pre + τ_i")
         for i in range(len(tasks)):
             for j in range(len(tasks)):
                 ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=6,
