@@ -8,9 +8,12 @@ The pool mimics the CLIP ViT-B/32 image encoder (patch-embedding conv, class / p
 blocks of 768-wide attention + 3072-wide MLP with LayerNorms, projection; plus an int64 `position_ids` buffer):
 pretrained weights ~ N(0, 0.02²), experts = pretrained + task vectors ~ N(0, 0.001²), all float32.
 
-Every measurement runs in a fresh subprocess that builds the same pool (fixed seed), resets the RSS high-water
-mark, runs ONE merge and reports wall time and peak RSS above the pre-merge RSS (the merge's working memory,
-output included; the pool itself is printed separately). Figures, not asserts.
+Every measurement runs in a fresh subprocess that builds the same pool (fixed seed), returns freed heap memory to
+the OS (`malloc_trim`, so the baseline RSS is live memory only), resets the RSS high-water mark
+(`/proc/self/clear_refs`), runs ONE merge and reports wall time and peak RSS (`VmHWM`) above the pre-merge RSS:
+the merge's working memory, merged output included (the pool itself is printed separately). The high-water mark
+catches short-lived peaks too, so a streaming merge (separable methods: one tensor's τ at a time) is measured as
+fairly as one that materialises the stacked task vectors. Figures, not asserts.
 
 Where PEFT and mergekit are importable, their task arithmetic / TIES / DARE run on the same state dicts in the same
 run (PEFT's per-tensor functions in `peft.utils.merge_utils`, looped over the state dict with τ = θ_k − θ_pre;
@@ -196,7 +199,27 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss() -> int:
+    """RSS high-water mark since the last reset: VmHWM (what clear_refs resets); ru_maxrss where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS (glibc), so RSS counts live memory only: a merge
+    must not look leaner because it reuses pages an earlier allocation left resident."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +240,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             import mergekit.merge_methods.api  # noqa: F401
         times, peaks, exact_peak = [], [], True
         for _ in range(job.get("repeat", 1)):
-            gc.collect()
+            release_free_memory()
             exact_peak = reset_peak_rss() and exact_peak
             before = current_rss()
             start = time.perf_counter()
@@ -422,7 +445,11 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(" | ".join(fmt_cell(c)) for c in cells) + " |")
     if pool_bytes:
         print(f"\nThe pool itself (pretrained + {args.tasks} experts, float32) holds {pool_bytes / 2**30:.2f} GiB; "
-              "peak extra RSS is the merge's working memory above it, the merged output included.")
+              "peak extra RSS is the merge's working memory above it, the merged output included (the output "
+              f"alone is {pool_bytes / (1 + args.tasks) / 2**30:.2f} GiB).")
+    streamed = [m for m in registered if merging.get_method(m).separable]
+    print(f"Separable methods merge as a stream, one tensor's τ at a time ({', '.join(streamed)}); the others "
+          "build the stacked task vectors [K, *shape] of every tensor first.")
 
     if peer_rows:
         print("\n## Peers on the same state dicts (float32 storage; peers trim per tensor, so TIES is compared with "
@@ -442,8 +469,8 @@ def main() -> None:
               "weight 1 and lambda 0.3). PEFT/mergekit dare_ties elect signs without a magnitude trim, so they are "
               "compared with symerge dare(base='ties', density=1). mergekit's DARE rescales survivors to the "
               "task vector's L1 norm instead of 1/(1−p), and its dare_ties sums agreeing entries (normalize=False). "
-              "symerge times include input validation (finiteness, layouts) and building the stacked task vectors; "
-              "peer times include computing τ per tensor.")
+              "symerge times include input validation (layouts, and finiteness of every tensor, before any work) "
+              "and computing τ; peer times include computing τ per tensor (they validate nothing).")
 
     exact = all(c.get("exact_peak", True) for c in cache.values() if "error" not in c)
     if not exact:

@@ -3,8 +3,9 @@
 The references below never call symerge code: they work on numpy arrays with python loops over tasks and
 elements, and re-derive TIES from the paper (flatten the whole task vector, sort to find the top-k magnitudes,
 per-element sign vote, per-element mean over agreeing tasks). Only DARE's masks come from torch, because the
-reference must draw the same random numbers: one `torch.rand([K, *shape])` per floating tensor, in state-dict
-order, from a `torch.Generator` seeded with `seed`.
+reference must draw the same random numbers: one int32 `random_()` tensor of shape [K, *shape] per floating tensor,
+in state-dict order, from a `torch.Generator` seeded with `seed`; an entry survives iff its draw (uniform on
+[0, 2^31)) is >= ceil(p · 2^31).
 """
 
 from __future__ import annotations
@@ -195,15 +196,16 @@ def ref_dare_vectors(tau, keys, drop_rate, seed):
     g = torch.Generator().manual_seed(seed)
     tasks = list(tau)
     dropped = {t: {} for t in tasks}
+    level = math.ceil(drop_rate * 2 ** 31)  # survive iff draw >= level
     for k in keys:
         shape = (len(tasks),) + tau[tasks[0]][k].shape
-        rand = torch.rand(shape, generator=g).numpy()
+        draws = torch.empty(shape, dtype=torch.int32).random_(generator=g).numpy()
         for ti, t in enumerate(tasks):
             src = tau[t][k].reshape(-1)
-            r = rand[ti].reshape(-1)
+            r = draws[ti].reshape(-1)
             out = np.zeros(src.size, dtype=np.float32)
             for i in range(src.size):
-                if r[i] >= drop_rate:
+                if int(r[i]) >= level:
                     out[i] = np.float32(src[i]) / np.float32(1.0 - drop_rate)
             dropped[t][k] = out.reshape(tau[t][k].shape)
     return dropped

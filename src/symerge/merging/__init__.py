@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from symerge.merging.ops import MergedSink
 from symerge.merging.registry import Delta, MethodSpec, PerTaskDelta, available_methods, get_method, register
-from symerge.taskvectors import TaskVectors
-from symerge.validation import StateDict
+from symerge.taskvectors import StateDictTau, TaskVectors, resolve_dtype
+from symerge.validation import StateDict, validate_state_dicts
 
 # Importing the method modules registers them.
 from symerge.merging import weight_averaging, task_arithmetic, ties, dare, magmax, lines, consensus, pcb, tsv, iso, emr  # noqa: E402,F401  isort: skip
@@ -52,7 +53,21 @@ def merge(
     validated first (missing keys, shape / dtype mismatch, NaN / Inf raise `ValidationError` naming task and
     tensor). `keys` restricts merging to those tensors (others are copied from `pretrained`); integer buffers are
     always copied. Method options are keyword arguments (see each method's docstring).
+
+    Separable methods (task_arithmetic, weight_averaging, ties, dare, magmax: see `registry`) stream: after the
+    whole input is validated, τ is computed and merged one tensor (one cache-sized block) at a time straight into
+    the output, so the working memory is one tensor's stack instead of K copies of the model. The others build
+    `TaskVectors` and run `merge_task_vectors`. Both give the same result.
     """
-    get_method(method).resolve_options(options)  # fail on a bad name / option before any work
-    tv = TaskVectors.from_state_dicts(pretrained, experts, keys=keys, dtype=storage_dtype)
-    return merge_task_vectors(method, tv, **options)
+    spec = get_method(method)
+    resolved = spec.resolve_options(options)  # fail on a bad name / option before any work
+    if not spec.separable:
+        tv = TaskVectors.from_state_dicts(pretrained, experts, keys=keys, dtype=storage_dtype)
+        return merge_task_vectors(method, tv, **options)
+    storage = resolve_dtype(storage_dtype)
+    key_list = list(keys) if keys is not None else None
+    validate_state_dicts(pretrained, experts, key_list)
+    source = StateDictTau(pretrained, experts, key_list, storage)
+    sink = MergedSink(pretrained, source.workspace)
+    spec.stream(source, sink, **resolved)
+    return sink.result()

@@ -3,6 +3,12 @@
 A method is a pure function `fn(tv: TaskVectors, **options) -> dict[str, Tensor]` returning the merged update Δ
 (float32) per merged tensor; `merge()` adds it to θ_pre. Methods whose result differs per task (EMR) return
 `PerTaskDelta` instead. Options are keyword-only parameters with defaults; unknown options are rejected by name.
+
+A method that is *separable* — Δ of a tensor needs only that tensor's τ, plus at most a few scalars gathered in an
+earlier pass (e.g. global TIES thresholds) — can also register `stream=fn_stream`, with the same options:
+`fn_stream(source: TauSource, sink, **options)` reads τ tensor by tensor (block by block) and writes Δ into the sink
+(see `merging.ops`). `merge()` then runs it straight on the state dicts and never materialises the stacked task
+vectors; `fn` should produce the same Δ (typically `ops.stream_delta(fn_stream, tv, ...)`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ class MethodSpec:
     fn: MergeFn
     defaults: dict[str, Any]
     per_task: bool
+    stream: MergeFn | None = None  # separable implementation on a τ source (see the module docstring)
+
+    @property
+    def separable(self) -> bool:
+        return self.stream is not None and not self.per_task
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Defaults overridden by `options`; an unknown option raises naming it and the valid ones."""
@@ -51,15 +62,18 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, per_task: bool = False) -> Callable[[MergeFn], MergeFn]:
-    """Register `fn` under `name`; its keyword-only parameters (with defaults) are the method's options."""
+def register(name: str, per_task: bool = False, stream: MergeFn | None = None) -> Callable[[MergeFn], MergeFn]:
+    """Register `fn` under `name`; its keyword-only parameters (with defaults) are the method's options.
+
+    `stream`: optional separable implementation `stream(source, sink, **options)` taking the same options.
+    """
 
     def decorator(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"merge method '{name}' registered twice")
         params = inspect.signature(fn).parameters.values()
         defaults = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        _REGISTRY[name] = MethodSpec(name=name, fn=fn, defaults=defaults, per_task=per_task)
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, defaults=defaults, per_task=per_task, stream=stream)
         return fn
 
     return decorator

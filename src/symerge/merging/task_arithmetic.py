@@ -6,11 +6,19 @@ for 8 CLIP tasks, as in the SyMerge and AdaMerging papers).
 
 from __future__ import annotations
 
+import torch
+
+from symerge.merging.ops import run_blockwise, stream_delta
 from symerge.merging.registry import Delta, register
-from symerge.taskvectors import TaskVectors
+from symerge.taskvectors import TaskVectors, TauSource
 
 
-@register("task_arithmetic")
+def task_arithmetic_stream(source: TauSource, sink, *, scaling_coef: float = 0.3) -> None:
+    """Separable form: λ Σ_k τ_k, block by block."""
+    run_blockwise(source, sink, lambda tau, out: torch.sum(tau, dim=0, out=out).mul_(scaling_coef))
+
+
+@register("task_arithmetic", stream=task_arithmetic_stream)
 def task_arithmetic(tv: TaskVectors, *, scaling_coef: float = 0.3) -> Delta:
     """Sum of task vectors scaled by `scaling_coef` (λ)."""
-    return {key: vec.sum(dim=0) * scaling_coef for key, vec in tv.items_float()}
+    return stream_delta(task_arithmetic_stream, tv, scaling_coef=scaling_coef)

@@ -13,16 +13,22 @@ Entries where the summed mass is exactly zero take the majority sign: the sign o
 elected + than − (the official code's `resolve_zero_signs(..., "majority")`; +1 on a tie, like mergekit and
 PEFT), counted over the same scope as trimming. Trimming keeps exactly int(n · density) entries per task (ties at
 the threshold kept); the official code keeps one more.
+
+Implementation: a separable stream (`ties_stream`). Per-tensor trimming selects each task's threshold on the
+tensor's stack; global trimming first makes one pass over all tensors for the K exact global thresholds (a sampled
+bracket verified by counting, `select_ops.kth_largest_abs`), then merges tensor by tensor. The majority sign for
+zero votes is only known at the end of its scope, so zero-vote entries provisionally take +1 and the (rare)
+entries where that matters — agreeing mass of both signs cancelling exactly — are patched afterwards.
 """
 
 from __future__ import annotations
 
-import torch
-
 from symerge.errors import ValidationError
-from symerge.merging.ops import disjoint_merge, elect_sign, global_thresholds, trim_per_tensor, trim_with_thresholds
+from symerge.merging.ops import (
+    block_ranges, stream_delta, stream_thresholds, tensor_thresholds, ties_block, ties_negative_fallback,
+)
 from symerge.merging.registry import Delta, register
-from symerge.taskvectors import TaskVectors
+from symerge.taskvectors import TaskVectors, TauSource
 
 
 def check_ties_options(density: float, trim_scope: str, disjoint: str) -> None:
@@ -34,26 +40,55 @@ def check_ties_options(density: float, trim_scope: str, disjoint: str) -> None:
         raise ValidationError(f"ties: disjoint_merge must be 'mean' or 'sum', got '{disjoint}'")
 
 
+def ties_stream(
+    source: TauSource,
+    sink,
+    *,
+    density: float = 0.2,
+    scaling_coef: float = 0.3,
+    trim_scope: str = "global",
+    disjoint_merge: str = "mean",
+) -> None:
+    """Separable TIES: writes λ · disjoint_merge(trim(τ)) of every tensor of `source` into `sink`."""
+    check_ties_options(density, trim_scope, disjoint_merge)
+    workspace = source.workspace
+    num_tasks = source.num_tasks
+    pending: list[tuple[str, object, object]] = []  # zero-vote columns whose result depends on the majority sign
+    votes = 0
+    thresholds = stream_thresholds(source, density) if trim_scope == "global" else None
+    for key, tau in source.iterate():
+        if trim_scope == "per_tensor":  # this tensor's thresholds from one pass over its blocks, then the merge
+            thresholds = tensor_thresholds(tau, num_tasks, density, workspace)
+        sink.open(key, source.shapes[key], tau.device)
+        for start, stop in block_ranges(tau.numel, num_tasks):
+            values = tau.block(start, stop)
+            block_votes, ambiguous = ties_block(values, thresholds, sink.target(start, stop), disjoint_merge,
+                                                scaling_coef, workspace)
+            sink.commit(start, stop)
+            votes += block_votes
+            if ambiguous is not None:
+                pending.append((key, ambiguous[0] + start, ambiguous[1]))
+        sink.close()
+        if trim_scope == "per_tensor":
+            _resolve_zero_votes(sink, pending, votes, disjoint_merge, scaling_coef)
+            pending, votes = [], 0
+    _resolve_zero_votes(sink, pending, votes, disjoint_merge, scaling_coef)
+
+
+def _resolve_zero_votes(sink, pending, votes: int, disjoint: str, scaling_coef: float) -> None:
+    """The majority sign of the scope is − : redo the zero-vote columns that were merged with +1."""
+    if votes < 0:
+        for key, index, columns in pending:
+            sink.patch(key, index, ties_negative_fallback(columns, disjoint, scaling_coef))
+
+
 def ties_delta(tv: TaskVectors, density: float, scaling_coef: float, trim_scope: str, disjoint: str) -> Delta:
     """The TIES update Δ = λ · disjoint_merge(trim(τ)) for every merged tensor."""
-    check_ties_options(density, trim_scope, disjoint)
-    thresholds = global_thresholds(tv.vectors, density) if trim_scope == "global" else None
-    trimmed: dict[str, torch.Tensor] = {}
-    for key, vec in tv.items_float():
-        trimmed[key] = trim_with_thresholds(vec, thresholds) if thresholds is not None else trim_per_tensor(vec, density)
-    # Zero votes take the majority sign: the sign of Σ γ over the trim scope (positive minus negative elections).
-    votes = {key: int(torch.sign(t.sum(dim=0)).sum()) for key, t in trimmed.items()}
-    if trim_scope == "global":
-        total_votes = sum(votes.values())
-        fallbacks = {key: 1.0 if total_votes >= 0 else -1.0 for key in trimmed}
-    else:
-        fallbacks = {key: 1.0 if v >= 0 else -1.0 for key, v in votes.items()}
-    return {
-        key: disjoint_merge(t, elect_sign(t, fallbacks[key]), disjoint) * scaling_coef for key, t in trimmed.items()
-    }
+    return stream_delta(ties_stream, tv, density=density, scaling_coef=scaling_coef, trim_scope=trim_scope,
+                        disjoint_merge=disjoint)
 
 
-@register("ties")
+@register("ties", stream=ties_stream)
 def ties(
     tv: TaskVectors,
     *,

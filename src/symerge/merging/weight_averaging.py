@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import torch
+
+from symerge.merging.ops import run_blockwise, stream_delta
 from symerge.merging.registry import Delta, register
-from symerge.taskvectors import TaskVectors
+from symerge.taskvectors import TaskVectors, TauSource
 
 
-@register("weight_averaging")
+def weight_averaging_stream(source: TauSource, sink) -> None:
+    """Separable form: mean_k τ_k, block by block."""
+    run_blockwise(source, sink, lambda tau, out: torch.mean(tau, dim=0, out=out))
+
+
+@register("weight_averaging", stream=weight_averaging_stream)
 def weight_averaging(tv: TaskVectors) -> Delta:
     """Mean of the experts; no options."""
-    return {key: vec.mean(dim=0) for key, vec in tv.items_float()}
+    return stream_delta(weight_averaging_stream, tv)

@@ -88,7 +88,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         sections += ["## Head transfer (SyMerge heads on other merged encoders)", transfer]
     if plots:
         sections += ["## Plots"] + [f"![{name}]({path})" for name, path in plots.items()]
-    settings = {k: cfg[k] for k in ("expert", "adapt", "max_len", "freeze_word_embeddings") if k in cfg}
+    if report.get("notes"):  # suite-specific remarks (e.g. the vision suite's BatchNorm handling)
+        sections += ["## Notes", "\n".join(f"- {note}" for note in report["notes"])]
+    settings = {k: cfg[k] for k in ("expert", "adapt", "max_len", "freeze_word_embeddings", "image_size",
+                                    "bn_reestimate") if k in cfg}
     if settings:
         sections += ["## Settings", "```json\n" + __import__("json").dumps(settings, indent=1) + "\n```"]
     if "total_seconds" in report:

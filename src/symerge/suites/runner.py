@@ -33,6 +33,7 @@ from symerge.taskvectors import TaskVectors
 ADAPTIVE = ("adamerging", "surgery", "symerge")
 SPECIAL = ("pretrained", "individual", "task_arithmetic_val")
 MERGED_BASELINES_EXCLUDED = ("pretrained", "individual")
+PostMerge = Callable[[MergeResult], MergeResult]  # optional step applied to every merged result before evaluation
 
 
 @dataclass
@@ -146,11 +147,14 @@ def static_result(name: str, bench: Benchmark, tv: TaskVectors, options: Mapping
                        provenance={"method": name, "options": dict(options)})
 
 
-def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Sequence[float], device: str) -> tuple[MergeResult, float]:
+def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Sequence[float], device: str,
+                                  post_merge: PostMerge | None = None) -> tuple[MergeResult, float]:
     """Task arithmetic with λ chosen by mean validation accuracy over `grid` (TALL-masks protocol)."""
     best: tuple[float, float, MergeResult] | None = None
     for coef in grid:
         result = static_result("task_arithmetic", bench, tv, {"scaling_coef": coef})
+        if post_merge is not None:
+            result = post_merge(result)
         score = mean(evaluate(result, bench, device, split="val")[0])
         if best is None or score > best[0]:
             best = (score, coef, result)
@@ -164,10 +168,12 @@ def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Seque
 def adaptive_result(
     name: str, bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], cache: ExpertCache,
     settings: AdaptSettings, progress: bool, curve_point: Callable[[dict[str, float]], dict[str, float]],
+    post_merge: PostMerge | None = None,
 ) -> tuple[MergeResult, list[dict[str, float]], tuple[dict[str, float], dict[str, float]]]:
     """Train an adaptive method, evaluating at the `curve` iterations on the way (quality vs iterations).
 
     Returns the result, the curve, and the final (accuracy, ECE) per task (the last curve evaluation, reused).
+    `post_merge` (optional) transforms every evaluated result (e.g. BatchNorm re-estimation in the vision suite).
     """
     cfg = settings.trainer_config(name, progress)
     options = dict(settings.method_options.get(name, {}))
@@ -176,11 +182,12 @@ def adaptive_result(
     marks = sorted({s for s in settings.curve if 0 < s < steps} | {steps})
     curve: list[dict[str, float]] = []
     scores: tuple[dict[str, float], dict[str, float]] = ({}, {})
+    post = post_merge or (lambda r: r)
     for mark in marks:
         trainer.run(stop_after=mark - trainer.start_step)
-        scores = evaluate(finish(trainer), bench, settings.device)
+        scores = evaluate(post(finish(trainer)), bench, settings.device)
         curve.append({"iterations": mark, **curve_point(scores[0]), "seconds": trainer.seconds})
-    return finish(trainer), curve, scores
+    return post(finish(trainer)), curve, scores
 
 
 def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], device: str, progress: bool) -> ExpertCache:
@@ -198,8 +205,13 @@ def run_methods(
     static_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    post_merge: PostMerge | None = None,
 ) -> dict[str, MethodOutcome]:
-    """Run every method in `methods` (individual first: normalized accuracy needs it) and evaluate on test."""
+    """Run every method in `methods` (individual first: normalized accuracy needs it) and evaluate on test.
+
+    `post_merge` (optional) is applied to every merged result before it is evaluated (not to `pretrained` and
+    `individual`), e.g. the vision suite's BatchNorm re-estimation.
+    """
     check_methods(methods)
     if protocol not in ("held-out", "transductive"):
         raise ValidationError(f"protocol must be 'held-out' or 'transductive', got '{protocol}'")
@@ -223,12 +235,14 @@ def run_methods(
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
                         f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
                 result, curve, (accs, eces) = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
-                                                              curve_point)
+                                                              curve_point, post_merge)
             elif name == "task_arithmetic_val":
-                result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device)
+                result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device, post_merge)
                 notes = f"λ={coef} chosen on the labeled validation split"
             else:
                 result = static_result(name, bench, tv, (static_options or {}).get(name, {}))
+                if post_merge is not None and name not in MERGED_BASELINES_EXCLUDED:
+                    result = post_merge(result)
         if name not in ADAPTIVE:
             accs, eces = evaluate(result, bench, device)
         # Seconds = merging / adaptation work only (evaluation excluded; the shared expert pass is reported apart).
