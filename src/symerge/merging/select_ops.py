@@ -1,5 +1,8 @@
 """Exact order statistics of long float vectors, faster than `torch.kthvalue` on CPU.
 
+Two tools: `kth_smallest` (one row in memory, below) and `kth_largest_abs` (the k-th largest magnitude per task
+over data streamed block by block, e.g. a whole model's task vector for global TIES; further below).
+
 `kth_smallest(rows, k)` returns, per row, exactly the value `torch.kthvalue(rows, k, dim=1)` returns. It first
 brackets the answer with a strided sample (sorted, ~2^16 entries), counts the entries below the bracket and
 runs `kthvalue` only on the entries inside it (typically well under 1 % of the row): three cheap passes instead of
@@ -98,9 +101,10 @@ def kth_largest_abs(blocks: Blocks, sample_abs: Tensor, kept: int, total: int, s
     """Per task, exactly the `kept`-th largest |x| over all entries that `blocks()` yields (1 <= kept <= total).
 
     One pass: per block, count the entries above the bracket's `hi` and those at or above its `lo`, and collect
-    the ones inside [lo, hi] (a few % of the data); then select inside the collected band. If the bracket misses (an unrepresentative sample) or the band is huge (massive ties), an exact
-    two-pass radix selection on the float bit patterns (`radix_kth_largest_abs`) decides instead. Memory: the band
-    plus one block. `scratch` is an optional `Workspace` for the block-sized temporaries.
+    the ones inside [lo, hi] (≈ 1 % of the data); then select inside the collected band. If the bracket misses (an
+    unrepresentative sample) or the band is huge (massive ties), an exact two-pass radix selection on the float bit
+    patterns (`radix_kth_largest_abs`) decides instead. Memory: the band plus one block. `scratch` is an optional
+    `Workspace` for the block-sized temporaries. Entries are assumed finite (NaN would count as 0).
     """
     rows, count = sample_abs.shape
     lo, hi = bracket(sample_abs, kept, total, sigmas)
