@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from symerge.errors import SymergeError
 
@@ -14,14 +15,14 @@ def parse_methods(value: str | None) -> list[str] | None:
     return [m.strip() for m in value.split(",") if m.strip()] if value else None
 
 
-def cmd_bench_text(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: Any, extra: dict[str, Any]) -> int:
+    """Shared driver of `symerge bench <suite>`: options -> config -> run -> table on stdout."""
     import torch
 
     from symerge.report.markdown import methods_table
     from symerge.suites.runner import check_methods, known_methods
-    from symerge.suites.text import TextSuiteConfig, run_text_suite
 
-    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device}
+    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, **extra}
     methods = parse_methods(args.methods)
     if methods == ["all"]:
         methods = known_methods()
@@ -30,46 +31,29 @@ def cmd_bench_text(args: argparse.Namespace) -> int:
         overrides["methods"] = methods
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
-    cfg = TextSuiteConfig.quick_preset(**overrides) if args.quick else TextSuiteConfig(**overrides)
-    out = Path(args.out or f"runs/text-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = config_cls.quick_preset(**overrides) if args.quick else config_cls(**overrides)
+    out = Path(args.out or f"runs/{suite}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SymergeError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run_text_suite(cfg, out, progress=not args.no_progress)
+    report = run_suite(cfg, out, progress=not args.no_progress)
     print()
     print(methods_table(report))
     print(f"\nreport: {out / 'report.md'}  ({report['total_seconds']:.0f} s)")
     return 0
+
+
+def cmd_bench_text(args: argparse.Namespace) -> int:
+    from symerge.suites.text import TextSuiteConfig, run_text_suite
+
+    return run_bench(args, "text", TextSuiteConfig, run_text_suite, {})
 
 
 def cmd_bench_vision(args: argparse.Namespace) -> int:
-    import torch
-
-    from symerge.report.markdown import methods_table
-    from symerge.suites.runner import check_methods, known_methods
     from symerge.suites.vision import VisionSuiteConfig, run_vision_suite
 
-    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, "bn_reestimate": args.bn_reestimate}
-    methods = parse_methods(args.methods)
-    if methods == ["all"]:
-        methods = known_methods()
-    if methods:
-        check_methods(methods)
-        overrides["methods"] = methods
-    if args.tasks:
-        overrides["tasks"] = parse_methods(args.tasks)
-    cfg = VisionSuiteConfig.quick_preset(**overrides) if args.quick else VisionSuiteConfig(**overrides)
-    out = Path(args.out or f"runs/vision-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SymergeError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = run_vision_suite(cfg, out, progress=not args.no_progress)
-    print()
-    print(methods_table(report))
-    print(f"\nreport: {out / 'report.md'}  ({report['total_seconds']:.0f} s)")
-    return 0
+    return run_bench(args, "vision", VisionSuiteConfig, run_vision_suite, {"bn_reestimate": args.bn_reestimate})
 
 
 def cmd_methods(_: argparse.Namespace) -> int:
