@@ -255,7 +255,7 @@ def test_fetch_npm_package_is_idempotent(tmp_path, monkeypatch):
 # --- real model and data (slow) ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mobilenet_v2_ranks_chelsea_as_a_cat():
-    from skimage import data
+    data = pytest.importorskip("skimage.data")  # in the `test` extra
 
     from symerge.models.mobilenet import imagenet_preprocess, load_imagenet_mobilenet_v2
 

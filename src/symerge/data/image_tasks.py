@@ -177,7 +177,7 @@ def read_image_file(path: Path, size: int = SIZE) -> np.ndarray | None:
     """Decode one image file to [size, size, 3] uint8; None for oversized or undecodable files."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # we check the size ourselves (below), before decoding
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we check the size ourselves, before decoding
     try:
         with Image.open(path) as img:
             if img.size[0] * img.size[1] > MAX_PIXELS:
@@ -186,6 +186,8 @@ def read_image_file(path: Path, size: int = SIZE) -> np.ndarray | None:
             return to_square_rgb(img, size)
     except (OSError, ValueError, SyntaxError):
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def balanced_indices(labels: Sequence[int], max_total: int, seed: int = CAP_SEED) -> list[int]:
