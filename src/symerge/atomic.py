@@ -30,17 +30,24 @@ def atomic_directory(final: Path, replace: bool = True) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half-written file."""
-    import torch
-
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temp file path beside `path`; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside `path`, then rename: a crash never leaves a half-written file."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)

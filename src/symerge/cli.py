@@ -56,6 +56,12 @@ def cmd_bench_vision(args: argparse.Namespace) -> int:
     return run_bench(args, "vision", VisionSuiteConfig, run_vision_suite, {"bn_reestimate": args.bn_reestimate})
 
 
+def cmd_bench_dense(args: argparse.Namespace) -> int:
+    from symerge.suites.dense import DenseSuiteConfig, run_dense_suite
+
+    return run_bench(args, "dense", DenseSuiteConfig, run_dense_suite, {})
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from symerge.adaptive import adaptive_methods
     from symerge.merging import available_methods
@@ -73,38 +79,38 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str, quick_help: str,
+                     func: Any) -> argparse.ArgumentParser:
+    """`symerge bench <name>` with the options every suite shares."""
+    parser = suites.add_parser(name, help=help_text)
+    parser.add_argument("--out", help=f"output dir (default runs/{name}-<timestamp>)")
+    parser.add_argument("--protocol", choices=["held-out", "transductive"], default="held-out")
+    parser.add_argument("--methods", help="comma-separated method names, or 'all' (default: the suite's list)")
+    parser.add_argument("--tasks", help=f"comma-separated task names (default: {default_tasks})")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symerge", description="Multi-task model merging (SyMerge and baselines).")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run an offline benchmark suite")
     suites = bench.add_subparsers(dest="suite", required=True)
-    text = suites.add_parser("text", help="MiniLM-L6 on 8 packaged text-classification tasks")
-    text.add_argument("--out", help="output dir (default runs/text-<timestamp>)")
-    text.add_argument("--protocol", choices=["held-out", "transductive"], default="held-out")
-    text.add_argument("--methods", help="comma-separated method names, or 'all' (default: the demo list)")
-    text.add_argument("--tasks", help="comma-separated task names (default: the 8 defaults)")
-    text.add_argument("--quick", action="store_true", help="≤ 3-minute smoke run with small sizes")
-    text.add_argument("--seed", type=int, default=0)
-    text.add_argument("--device", default="cpu", help="cpu or cuda")
-    text.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    text.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    text.add_argument("--no-progress", action="store_true", help="no progress bars")
-    text.set_defaults(func=cmd_bench_text)
-    vision = suites.add_parser("vision", help="ImageNet MobileNetV2 on 6 packaged image-classification tasks")
-    vision.add_argument("--out", help="output dir (default runs/vision-<timestamp>)")
-    vision.add_argument("--protocol", choices=["held-out", "transductive"], default="held-out")
-    vision.add_argument("--methods", help="comma-separated method names, or 'all' (default: the demo list)")
-    vision.add_argument("--tasks", help="comma-separated task names (default: the 6 defaults)")
-    vision.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, small sizes, short training")
-    vision.add_argument("--seed", type=int, default=0)
-    vision.add_argument("--device", default="cpu", help="cpu or cuda")
-    vision.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_bench_parser(suites, "text", "MiniLM-L6 on 8 packaged text-classification tasks",
+                     "the 8 defaults", "≤ 3-minute smoke run with small sizes", cmd_bench_text)
+    vision = add_bench_parser(suites, "vision", "ImageNet MobileNetV2 on 6 packaged image-classification tasks",
+                              "the 6 defaults", "smoke run: 4 tasks, small sizes, short training", cmd_bench_vision)
     vision.add_argument("--bn-reestimate", action="store_true",
                         help="re-estimate BatchNorm statistics on the unlabeled adaptation inputs after every merge "
                              "(off by default: measured harmful, the experts were trained under the pretrained ones)")
-    vision.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    vision.add_argument("--no-progress", action="store_true", help="no progress bars")
-    vision.set_defaults(func=cmd_bench_vision)
+    add_bench_parser(suites, "dense", "ImageNet MobileNetV2: segmentation, depth and normals on exact synthetic scenes",
+                     "segmentation,depth,normals", "smoke run: few scenes, short training", cmd_bench_dense)
     merge = sub.add_parser("merge", help="merge your own checkpoints as described by a YAML config")
     merge.add_argument("config", help="config file (see README, 'Merging your own checkpoints')")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output dir")

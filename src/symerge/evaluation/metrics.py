@@ -1,8 +1,10 @@
-"""Classification metrics, computed with torchmetrics (accuracy, expected calibration error)."""
+"""Classification metrics, computed with torchmetrics (accuracy, expected calibration error), and the per-task score
+every suite reports (`TaskScore`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,3 +29,19 @@ def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> d
 
 def mean(values: Mapping[str, float]) -> float:
     return float(sum(values.values()) / len(values)) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's evaluation: `primary` (higher is better; what normalized scores divide), every metric, and
+    the calibration error where the task has one (classification)."""
+
+    primary: float
+    metrics: dict[str, float]
+    ece: float | None = None
+
+
+def classification_score(logits: Tensor, labels: Tensor) -> TaskScore:
+    """Primary = top-1 accuracy; ECE from the softmax confidences."""
+    acc = accuracy(logits, labels)
+    return TaskScore(acc, {"accuracy": acc}, expected_calibration_error(logits, labels))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 MERGED_EXCLUDED = ("pretrained", "individual")
+PERCENT_METRICS = ("accuracy", "miou", "pixel_acc", "within_11.25")
 
 
 def pct(value: float) -> str:
@@ -18,26 +19,48 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def metric_cell(metric: str, value: float) -> str:
+    """Shares and accuracies as percentages, errors and angles as plain numbers."""
+    return pct(value) if metric in PERCENT_METRICS else f"{value:.3f}" if metric.endswith("_err") else f"{value:.1f}"
+
+
 def methods_table(report: Mapping[str, Any]) -> str:
     tasks = [t["name"] for t in report["tasks"]]
     best = max((m for m in report["methods"] if m not in MERGED_EXCLUDED),
                key=lambda m: report["methods"][m]["normalized_average"], default=None)
+    first = next(iter(report["methods"].values()))["per_task"]
+    dense = not all(isinstance(first[t], (int, float)) for t in tasks)
+    columns = [(t, m) for t in tasks for m in first[t]] if dense else [(t, None) for t in tasks]
     rows = []
     for name, entry in report["methods"].items():
         label = f"**{name}**" if name == best else name
-        rows.append([label] + [pct(entry["per_task"][t]) for t in tasks] + [
-            pct(entry["average"]), pct(entry["normalized_average"]), f"{entry['ece']:.3f}",
+        cells = [metric_cell(m, entry["per_task"][t][m]) if m else pct(entry["per_task"][t]) for t, m in columns]
+        rows.append([label] + cells + ([] if dense else [pct(entry["average"])]) + [
+            pct(entry["normalized_average"]), "-" if entry["ece"] != entry["ece"] else f"{entry['ece']:.3f}",
             f"{entry['seconds']:.1f}", f"{entry['peak_memory_mb']:.0f}"])
-    return table(["method"] + tasks + ["avg", "norm. avg", "ECE", "seconds", "peak MB"], rows)
+    header = [f"{t} {m}" if m else t for t, m in columns] + ([] if dense else ["avg"])
+    return table(["method"] + header + ["norm. avg", "ECE", "seconds", "peak MB"], rows)
+
+
+def gap_closed_section(report: Mapping[str, Any]) -> str:
+    gap = report.get("gap_closed", {}).get("methods")
+    if not gap:
+        return ""
+    columns = [(t, m) for t, metrics in next(iter(gap.values())).items() for m in metrics]
+    rows = [[name] + [pct(values[t][m]) for t, m in columns] for name, values in gap.items()]
+    return (f"Share (%) of the gap between {report['gap_closed']['baseline']} (0 %) and the individual experts "
+            "(100 %) each method closes, per metric.\n\n" + table(["method"] + [f"{t} {m}" for t, m in columns], rows))
 
 
 def curve_table(report: Mapping[str, Any]) -> str:
+    raw_average = report["suite"] != "dense"  # dense tasks' primary metrics have different units: no raw average
     rows = []
     for name, entry in report["methods"].items():
         for point in entry.get("curve", []):
-            rows.append([name, str(point["iterations"]), pct(point["average"]), pct(point["normalized_average"]),
-                         f"{point['seconds']:.0f}"])
-    return table(["method", "iterations", "avg", "norm. avg", "adaptation seconds"], rows) if rows else ""
+            rows.append([name, str(point["iterations"])] + ([pct(point["average"])] if raw_average else [])
+                        + [pct(point["normalized_average"]), f"{point['seconds']:.0f}"])
+    header = ["method", "iterations"] + (["avg"] if raw_average else []) + ["norm. avg", "adaptation seconds"]
+    return table(header, rows) if rows else ""
 
 
 def cross_task_section(report: Mapping[str, Any]) -> str:
@@ -71,7 +94,12 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     sections = [
         f"# symerge bench {report['suite']} — protocol `{report['protocol']}`, seed {report['seed']}",
         "Accuracy (%) on the labeled test split; normalized = mean over tasks of method / individual expert. "
-        "ECE = expected calibration error (15 bins). Bold = best merged method by normalized average.",
+        "ECE = expected calibration error (15 bins). Bold = best merged method by normalized average."
+        if report["suite"] != "dense" else
+        "Metrics on the labeled test scenes: mIoU and pixel accuracy (%), absolute and relative depth error, angular "
+        "error of the normals (degrees) and share of pixels within 11.25° (%). Normalized = mean over tasks of the "
+        "primary metric relative to the expert (errors inverted). ECE = pixel-level calibration of segmentation. "
+        "Bold = best merged method by normalized average.",
         methods_table(report),
     ]
     tasks_rows = [[t["name"], str(t["num_classes"]), str(t.get("n_train", "")), str(t.get("n_val", "")),
@@ -83,6 +111,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     cross = cross_task_section(report)
     if cross:
         sections += ["## Cross-task matrix", cross]
+    gap = gap_closed_section(report)
+    if gap:
+        sections += ["## Gap closed", gap]
     transfer = transfer_section(report)
     if transfer:
         sections += ["## Head transfer (SyMerge heads on other merged encoders)", transfer]

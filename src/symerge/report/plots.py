@@ -117,11 +117,79 @@ def iteration_curves(report: Mapping[str, Any], path: Path) -> None:
     save(fig, path)
 
 
+def per_task_is_scalar(report: Mapping[str, Any]) -> bool:
+    """Classification suites report one accuracy per task; the dense suite a dict of metrics."""
+    first = next(iter(report["methods"].values()))
+    return all(isinstance(v, (int, float)) for v in first["per_task"].values())
+
+
+def gap_closed_bars(report: Mapping[str, Any], path: Path) -> None:
+    """Share of the task-arithmetic → expert gap each method closes, per task metric (dense suite)."""
+    table = report["gap_closed"]["methods"]
+    names = list(table)
+    columns = [(t, m) for t, metrics in next(iter(table.values())).items() for m in metrics]
+    values = np.array([[100 * table[n][t][m] for t, m in columns] for n in names])
+    fig, ax = plt.subplots(figsize=(0.75 * len(columns) + 3.5, 0.45 * len(names) + 1.8))
+    image = ax.imshow(np.clip(values, -100, 100), cmap="RdYlGn", aspect="auto", vmin=-100, vmax=100)
+    ax.set_xticks(range(len(columns)), [f"{t}\n{m}" for t, m in columns], fontsize=7)
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(columns)):
+            ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label="% of the gap closed (clipped at ±100)")
+    ax.set_title(f"Gap closed between {report['gap_closed']['baseline']} (0) and the experts (100)")
+    save(fig, path)
+
+
+def colorize_segmentation(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return plt.get_cmap("tab10")(labels % 10)[..., :3] if num_classes <= 10 else plt.get_cmap("tab20")(labels % 20)[..., :3]
+
+
+def dense_panel(task: str, value: np.ndarray, num_classes: int, depth_range: tuple[float, float]) -> tuple[np.ndarray, dict[str, Any]]:
+    """One [C, H, W] output or label map -> an image and imshow keywords."""
+    if task == "segmentation":
+        labels = value.argmax(0) if value.ndim == 3 else value
+        return colorize_segmentation(labels, num_classes), {}
+    if task == "depth":
+        return value.reshape(value.shape[-2:]), {"cmap": "viridis_r", "vmin": depth_range[0], "vmax": depth_range[1]}
+    unit = value / np.maximum(np.linalg.norm(value, axis=0, keepdims=True), 1e-8)
+    return np.clip((unit.transpose(1, 2, 0) + 1) / 2, 0, 1), {}
+
+
+def dense_predictions(images: np.ndarray, truth: Mapping[str, Any], predictions: Mapping[str, Mapping[str, Any]],
+                      path: Path) -> None:
+    """Per scene (rows): the input, then per task the ground truth and each method's prediction (columns)."""
+    tasks = list(truth)
+    methods = list(predictions)
+    columns = [("input", None, None)] + [(f"{t}\n{src}", t, src) for t in tasks for src in ["truth"] + methods]
+    n = len(images)
+    depth = np.asarray(truth["depth"]) if "depth" in truth else None
+    depth_range = (float(depth.min()), float(depth.max())) if depth is not None else (0.0, 1.0)
+    num_classes = int(next(iter(predictions.values()))["segmentation"].shape[1]) if "segmentation" in truth else 1
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.3 * len(columns), 1.4 * n + 0.4), squeeze=False)
+    for row in range(n):
+        for col, (title, task, source) in enumerate(columns):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if task is None:
+                ax.imshow(images[row])
+            else:
+                value = truth[task][row] if source == "truth" else predictions[source][task][row]
+                picture, style = dense_panel(task, np.asarray(value, dtype=np.float32) if task != "segmentation"
+                                             or source != "truth" else np.asarray(value), num_classes, depth_range)
+                ax.imshow(picture, **style)
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+    save(fig, path)
+
+
 def make_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     """Write every plot the report's content allows; returns {title: relative path}."""
     plots: dict[str, str] = {}
     jobs = [
-        ("accuracy by method and task", "accuracy.png", accuracy_heatmap, True),
+        ("accuracy by method and task", "accuracy.png", accuracy_heatmap, per_task_is_scalar(report)),
+        ("gap closed per metric", "gap_closed.png", gap_closed_bars, bool(report.get("gap_closed", {}).get("methods"))),
         ("normalized accuracy", "normalized.png", normalized_bars, True),
         ("quality vs adaptation iterations", "iterations.png", iteration_curves,
          any(e.get("curve") for e in report["methods"].values())),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,16 @@ from symerge.evaluation.metrics import mean, normalized
 from symerge.suites.runner import Benchmark, MethodOutcome
 
 
-def method_entry(outcome: MethodOutcome, reference: Mapping[str, float]) -> dict[str, Any]:
+def method_entry(outcome: MethodOutcome, reference: Mapping[str, float], metrics_per_task: bool = False) -> dict[str, Any]:
+    """One method's report entry. `metrics_per_task` (dense suite): `per_task` holds every metric of each task,
+    `primary` the higher-is-better score normalized against the experts, and `average` the normalized average
+    (the tasks' metrics have different units, so a raw average would mean nothing)."""
+    norm = mean(normalized(outcome.per_task, reference))
     entry = {
-        "per_task": outcome.per_task,
-        "average": mean(outcome.per_task),
-        "normalized_average": mean(normalized(outcome.per_task, reference)),
+        "per_task": outcome.metrics if metrics_per_task else outcome.per_task,
+        **({"primary": outcome.per_task} if metrics_per_task else {}),
+        "average": norm if metrics_per_task else mean(outcome.per_task),
+        "normalized_average": norm,
         "ece": mean(outcome.ece),
         "ece_per_task": outcome.ece,
         "seconds": outcome.seconds,
@@ -38,12 +43,13 @@ def method_entry(outcome: MethodOutcome, reference: Mapping[str, float]) -> dict
 def build_report(
     suite: str, protocol: str, seed: int, bench: Benchmark, outcomes: Mapping[str, MethodOutcome],
     diagnostics: Mapping[str, Any], config: Mapping[str, Any], extra: Mapping[str, Any],
+    metrics_per_task: bool = False,
 ) -> dict[str, Any]:
     reference = outcomes["individual"].per_task
     report: dict[str, Any] = {
         "suite": suite, "protocol": protocol, "seed": seed,
         "tasks": [{"name": t.name, "num_classes": t.num_classes, **t.sizes} for t in bench.tasks.values()],
-        "methods": {name: method_entry(o, reference) for name, o in outcomes.items()},
+        "methods": {name: method_entry(o, reference, metrics_per_task) for name, o in outcomes.items()},
         **diagnostics,
         "config": dict(config),
         **dict(extra),
@@ -57,12 +63,18 @@ def build_report(
     return report
 
 
-def write_report(report: Mapping[str, Any], outcomes: Mapping[str, MethodOutcome], out_dir: Path) -> None:
-    """Write into a temp dir beside `out_dir`, then rename: a failed run leaves no half-written report."""
+def write_report(report: Mapping[str, Any], outcomes: Mapping[str, MethodOutcome], out_dir: Path,
+                 figures: Mapping[str, tuple[str, Callable[[Path], None]]] | None = None) -> None:
+    """Write into a temp dir beside `out_dir`, then rename: a failed run leaves no half-written report.
+
+    `figures`: suite-specific plots, {title: (file name, writer(path))}, added to the report's plots."""
     from symerge.report.markdown import render_markdown
     from symerge.report.plots import make_plots
 
     with atomic_directory(Path(out_dir)) as tmp:
         plots = make_plots(report, tmp)
+        for title, (name, draw) in (figures or {}).items():
+            draw(tmp / name)
+            plots[title] = name
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
         (tmp / "report.md").write_text(render_markdown(report, plots))

@@ -34,9 +34,19 @@ class FinetuneConfig:
     frozen_prefixes: tuple[str, ...] = ()
     freeze_batchnorm: bool = True  # BN layers stay in eval mode (frozen running statistics) while fine-tuning
     seed: int = 0
+    loss: str = "cross_entropy"  # or "l1" (regression / dense maps)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "frozen_prefixes": list(self.frozen_prefixes)}
+        out = {**self.__dict__, "frozen_prefixes": list(self.frozen_prefixes)}
+        if self.loss == "cross_entropy":  # the original default: keep the cache keys of existing experts valid
+            out.pop("loss")
+        return out
+
+
+LOSSES = {
+    "cross_entropy": nn.functional.cross_entropy,
+    "l1": nn.functional.l1_loss,
+}
 
 
 @dataclass
@@ -66,7 +76,15 @@ def hash_inputs(inputs: Inputs, labels: Tensor) -> str:
     return digest.hexdigest()
 
 
-def expert_key(model_hash: str, data_hash: str, head_shape: Sequence[int], config: FinetuneConfig) -> str:
+def head_signature(head: nn.Module) -> list[Any]:
+    """What the cache key records of a head: a linear head's weight shape (the original key, kept so cached
+    experts stay valid), else every tensor's name and shape."""
+    if isinstance(head, nn.Linear):
+        return list(head.weight.shape)
+    return [[name, list(t.shape)] for name, t in head.state_dict().items()]
+
+
+def expert_key(model_hash: str, data_hash: str, head_shape: Sequence[Any], config: FinetuneConfig) -> str:
     blob = json.dumps({"model": model_hash, "data": data_hash, "head": list(head_shape), "cfg": config.as_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -77,9 +95,12 @@ def trainable_keys(encoder: nn.Module, frozen_prefixes: Sequence[str]) -> list[s
 
 def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor, config: FinetuneConfig,
              device: str = "cpu", desc: str = "expert", progress: bool = True) -> tuple[nn.Module, nn.Module]:
-    """Fine-tune a copy of `encoder` with `head` by cross-entropy (AdamW, linear warm-up then decay)."""
+    """Fine-tune a copy of `encoder` with `head` by `config.loss` (AdamW, linear warm-up then decay)."""
     from tqdm.auto import tqdm
 
+    if config.loss not in LOSSES:
+        raise ValueError(f"fine-tuning loss must be one of {sorted(LOSSES)}, got '{config.loss}'")
+    loss_fn = LOSSES[config.loss]
     torch.manual_seed(config.seed)
     model_enc = copy.deepcopy(encoder).to(device).train()
     if config.freeze_batchnorm:
@@ -100,8 +121,8 @@ def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor
     bar = tqdm(range(config.steps), desc=desc, leave=False, disable=not progress)
     for step in bar:
         index = sampler.batch(step)
-        logits = model_head(call(model_enc, take(inputs, index, device)))
-        loss = nn.functional.cross_entropy(logits, labels[index].to(device))
+        outputs = model_head(call(model_enc, take(inputs, index, device)))
+        loss = loss_fn(outputs, labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -127,7 +148,7 @@ def cached_expert(
     config: FinetuneConfig, device: str = "cpu", desc: str = "expert", progress: bool = True,
 ) -> Expert:
     """Load the expert from `cache_dir` if its key matches, else fine-tune and store it atomically."""
-    key = expert_key(model_hash, hash_inputs(inputs, labels), tuple(head.weight.shape), config)
+    key = expert_key(model_hash, hash_inputs(inputs, labels), head_signature(head), config)
     folder = cache_dir / key
     if (folder / "done.json").exists():
         new_head = copy.deepcopy(head)

@@ -23,7 +23,7 @@ from symerge.adaptive.finish import finish
 from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.errors import ValidationError
-from symerge.evaluation.metrics import accuracy, expected_calibration_error, mean, normalized
+from symerge.evaluation.metrics import TaskScore, classification_score, mean, normalized
 from symerge.merging import available_methods, merge_delta
 from symerge.merging.registry import PerTaskDelta
 from symerge.result import MergeResult
@@ -46,6 +46,8 @@ class TaskData:
     val: Inputs
     val_labels: Tensor
     sizes: dict[str, int] = field(default_factory=dict)
+    scorer: Callable[[Tensor, Tensor], TaskScore] = classification_score  # (outputs, labels) -> TaskScore
+    objective: str = "classification"  # what adaptive objectives treat the outputs as ("regression": L1)
 
     @property
     def num_classes(self) -> int:
@@ -100,8 +102,9 @@ class MethodOutcome:
     result: MergeResult
     seconds: float
     peak_memory_mb: float
-    per_task: dict[str, float] = field(default_factory=dict)
+    per_task: dict[str, float] = field(default_factory=dict)  # primary score per task (accuracy, mIoU, 1/error)
     ece: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # every metric per task
     curve: list[dict[str, float]] = field(default_factory=list)
     notes: str = ""
 
@@ -118,16 +121,23 @@ def check_methods(methods: Sequence[str]) -> None:
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
-def evaluate(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> tuple[dict[str, float], dict[str, float]]:
-    """(accuracy per task, ECE per task) of a result on the test (or validation) split."""
-    accs, eces = {}, {}
+def score(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> dict[str, TaskScore]:
+    """Each task's TaskScore (its data's scorer) on the test (or validation) split."""
+    scores = {}
     for task in result.tasks:
         data = bench.tasks[task]
         inputs, labels = (data.test, data.test_labels) if split == "test" else (data.val, data.val_labels)
-        logits = result.predict(task, inputs, device=device)
-        accs[task] = accuracy(logits, labels)
-        eces[task] = expected_calibration_error(logits, labels)
-    return accs, eces
+        scores[task] = data.scorer(result.predict(task, inputs, device=device), labels)
+    return scores
+
+
+def primary_and_ece(scores: Mapping[str, TaskScore]) -> tuple[dict[str, float], dict[str, float]]:
+    return ({t: s.primary for t, s in scores.items()}, {t: s.ece for t, s in scores.items() if s.ece is not None})
+
+
+def evaluate(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> tuple[dict[str, float], dict[str, float]]:
+    """(primary score per task, ECE per task that has one) on the test (or validation) split."""
+    return primary_and_ece(score(result, bench, device, split))
 
 
 # --- static results ------------------------------------------------------------------------------------------------
@@ -169,24 +179,26 @@ def adaptive_result(
     name: str, bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], cache: ExpertCache,
     settings: AdaptSettings, progress: bool, curve_point: Callable[[dict[str, float]], dict[str, float]],
     post_merge: PostMerge | None = None,
-) -> tuple[MergeResult, list[dict[str, float]], tuple[dict[str, float], dict[str, float]]]:
+) -> tuple[MergeResult, list[dict[str, float]], dict[str, TaskScore]]:
     """Train an adaptive method, evaluating at the `curve` iterations on the way (quality vs iterations).
 
-    Returns the result, the curve, and the final (accuracy, ECE) per task (the last curve evaluation, reused).
+    Returns the result, the curve, and the final TaskScore per task (the last curve evaluation, reused).
     `post_merge` (optional) transforms every evaluated result (e.g. BatchNorm re-estimation in the vision suite).
     """
     cfg = settings.trainer_config(name, progress)
     options = dict(settings.method_options.get(name, {}))
-    trainer = build_trainer(name, bench.encoder, bench.heads, tv, adapt_inputs, config=cfg, cache=cache, **options)
+    kinds = {t: d.objective for t, d in bench.tasks.items()}
+    trainer = build_trainer(name, bench.encoder, bench.heads, tv, adapt_inputs, config=cfg, cache=cache,
+                            task_kinds=kinds, **options)
     steps = int(trainer.config.steps)
     marks = sorted({s for s in settings.curve if 0 < s < steps} | {steps})
     curve: list[dict[str, float]] = []
-    scores: tuple[dict[str, float], dict[str, float]] = ({}, {})
+    scores: dict[str, TaskScore] = {}
     post = post_merge or (lambda r: r)
     for mark in marks:
         trainer.run(stop_after=mark - trainer.start_step)
-        scores = evaluate(post(finish(trainer)), bench, settings.device)
-        curve.append({"iterations": mark, **curve_point(scores[0]), "seconds": trainer.seconds})
+        scores = score(post(finish(trainer)), bench, settings.device)
+        curve.append({"iterations": mark, **curve_point(primary_and_ece(scores)[0]), "seconds": trainer.seconds})
     return post(finish(trainer)), curve, scores
 
 
@@ -234,8 +246,8 @@ def run_methods(
                     cache = expert_cache_for(bench, tv, adapt_inputs, device, progress)
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
                         f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
-                result, curve, (accs, eces) = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
-                                                              curve_point, post_merge)
+                result, curve, scores = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
+                                                        curve_point, post_merge)
             elif name == "task_arithmetic_val":
                 result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device, post_merge)
                 notes = f"λ={coef} chosen on the labeled validation split"
@@ -244,10 +256,12 @@ def run_methods(
                 if post_merge is not None and name not in MERGED_BASELINES_EXCLUDED:
                     result = post_merge(result)
         if name not in ADAPTIVE:
-            accs, eces = evaluate(result, bench, device)
+            scores = score(result, bench, device)
+        accs, eces = primary_and_ece(scores)
         # Seconds = merging / adaptation work only (evaluation excluded; the shared expert pass is reported apart).
         seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if name in ADAPTIVE else meter.seconds
-        outcomes[name] = MethodOutcome(result, seconds, meter.peak_mb, accs, eces, curve, notes)
+        outcomes[name] = MethodOutcome(result, seconds, meter.peak_mb, accs, eces,
+                                       {t: s.metrics for t, s in scores.items()}, curve, notes)
         log(f"{name:>22s}: average {mean(accs):.4f}  ({seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")
     return {name: outcomes[name] for name in methods if name in outcomes} | (
         {"individual": outcomes["individual"]} if "individual" not in methods else {})
