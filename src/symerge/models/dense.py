@@ -68,11 +68,11 @@ class DenseDecoder(nn.Module):
 
 
 def decoder_for(kind: str, num_classes: int, seed: int, in_channels: int = MobileNetV2Hypercolumn.feature_dim,
-                mean_depth: float = 5.0) -> DenseDecoder:
+                mean_depth: float = 5.0, hidden: int = 64) -> DenseDecoder:
     """A freshly initialised (seeded) decoder for one dense task."""
     torch.manual_seed(seed)
     out = {"segmentation": num_classes, "depth": 1, "normals": 3}[kind]
-    return DenseDecoder(in_channels, out, kind, output_bias=mean_depth if kind == "depth" else 0.0)
+    return DenseDecoder(in_channels, out, kind, hidden=hidden, output_bias=mean_depth if kind == "depth" else 0.0)
 
 
 def load_dense_encoder(path: str | Path | None = None) -> MobileNetV2Hypercolumn:

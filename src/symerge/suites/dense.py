@@ -55,6 +55,7 @@ class DenseSuiteConfig(BaseModel):
     expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 300, "batch_size": 32, "lr": 5e-4,
                                                             "head_lr": 5e-3})
     adapt: AdaptSettings = Field(default_factory=default_adapt)
+    decoder_hidden: int = Field(default=64, ge=1, description="channels of each task decoder's hidden layers")
     figure_scenes: int = 4
     quick: bool = False
 
@@ -119,7 +120,8 @@ def build_dense_benchmark(
     for index, task in enumerate(cfg.tasks):
         ft = FinetuneConfig(**cfg.expert, freeze_batchnorm=True, seed=cfg.seed,
                             loss="cross_entropy" if task == "segmentation" else "l1")
-        decoder = decoder_for(task, len(SEG_CLASSES), cfg.seed * 1000 + index, in_channels, mean_depth)
+        decoder = decoder_for(task, len(SEG_CLASSES), cfg.seed * 1000 + index, in_channels, mean_depth,
+                              cfg.decoder_hidden)
         expert = cached_expert(cache_dir, encoder, model_hash, decoder, splits["train"]["inputs"],
                                splits["train"][task], ft, cfg.device, desc=f"expert {task}", progress=progress)
         log(f"expert {task}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
