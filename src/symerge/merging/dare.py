@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from symerge.errors import ValidationError
-from symerge.merging.ops import block_ranges, keep_mask, random_drop, stream_delta
-from symerge.merging.registry import Delta, register
+from symerge.merging.ops import block_ranges, keep_mask, random_drop
+from symerge.merging.registry import register_stream
 from symerge.merging.task_arithmetic import task_arithmetic_stream
 from symerge.merging.ties import check_ties_options, ties_stream
 from symerge.taskvectors import KeyTau, TaskVectors, TauSource, round_to_storage
@@ -123,18 +123,4 @@ def dare_stream(
         task_arithmetic_stream(dropped, sink, scaling_coef=scaling_coef)
 
 
-@register("dare", stream=dare_stream)
-def dare(
-    tv: TaskVectors,
-    *,
-    drop_rate: float = 0.9,
-    seed: int = 0,
-    base: str = "task_arithmetic",
-    scaling_coef: float = 0.3,
-    density: float = 0.2,
-    trim_scope: str = "global",
-    disjoint_merge: str = "mean",
-) -> Delta:
-    """DARE sparsification followed by task arithmetic or TIES (`base`)."""
-    return stream_delta(dare_stream, tv, drop_rate=drop_rate, seed=seed, base=base, scaling_coef=scaling_coef,
-                        density=density, trim_scope=trim_scope, disjoint_merge=disjoint_merge)
+dare = register_stream("dare", dare_stream, "DARE sparsification followed by task arithmetic or TIES (`base`).")

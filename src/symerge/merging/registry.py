@@ -8,7 +8,7 @@ A method that is *separable* — Δ of a tensor needs only that tensor's τ, plu
 earlier pass (e.g. global TIES thresholds) — can also register `stream=fn_stream`, with the same options:
 `fn_stream(source: TauSource, sink, **options)` reads τ tensor by tensor (block by block) and writes Δ into the sink
 (see `merging.ops`). `merge()` then runs it straight on the state dicts and never materialises the stacked task
-vectors; `fn` should produce the same Δ (typically `ops.stream_delta(fn_stream, tv, ...)`).
+vectors; `fn` should produce the same Δ (`register_stream` derives it from the stream form).
 """
 
 from __future__ import annotations
@@ -77,6 +77,22 @@ def register(name: str, per_task: bool = False, stream: MergeFn | None = None) -
         return fn
 
     return decorator
+
+
+def register_stream(name: str, stream: MergeFn, doc: str) -> MergeFn:
+    """Register a separable method from its stream form alone: `fn(tv, **options)` is derived (the stream run over
+    every tensor of `tv`), so the options are declared once, as the stream's keyword-only parameters."""
+    from symerge.merging.ops import stream_delta
+
+    def fn(tv: Any, **options: Any) -> Delta:
+        return stream_delta(stream, tv, **options)
+
+    options = [p for p in inspect.signature(stream).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    tv_param = inspect.Parameter("tv", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fn.__signature__ = inspect.Signature([tv_param, *options])  # type: ignore[attr-defined]
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return register(name, stream=stream)(fn)
 
 
 def get_method(name: str) -> MethodSpec:

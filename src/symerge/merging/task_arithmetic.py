@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from symerge.merging.ops import run_blockwise, stream_delta
-from symerge.merging.registry import Delta, register
-from symerge.taskvectors import TaskVectors, TauSource
+from symerge.merging.ops import run_blockwise
+from symerge.merging.registry import register_stream
+from symerge.taskvectors import TauSource
 
 
 def task_arithmetic_stream(source: TauSource, sink, *, scaling_coef: float = 0.3) -> None:
@@ -18,7 +18,5 @@ def task_arithmetic_stream(source: TauSource, sink, *, scaling_coef: float = 0.3
     run_blockwise(source, sink, lambda tau, out: torch.sum(tau, dim=0, out=out).mul_(scaling_coef))
 
 
-@register("task_arithmetic", stream=task_arithmetic_stream)
-def task_arithmetic(tv: TaskVectors, *, scaling_coef: float = 0.3) -> Delta:
-    """Sum of task vectors scaled by `scaling_coef` (λ)."""
-    return stream_delta(task_arithmetic_stream, tv, scaling_coef=scaling_coef)
+task_arithmetic = register_stream("task_arithmetic", task_arithmetic_stream,
+                                  "Sum of task vectors scaled by `scaling_coef` (λ).")

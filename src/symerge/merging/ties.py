@@ -27,7 +27,7 @@ from symerge.errors import ValidationError
 from symerge.merging.ops import (
     block_ranges, stream_delta, stream_thresholds, tensor_thresholds, ties_block, ties_negative_fallback,
 )
-from symerge.merging.registry import Delta, register
+from symerge.merging.registry import Delta, register_stream
 from symerge.taskvectors import TaskVectors, TauSource
 
 
@@ -88,14 +88,5 @@ def ties_delta(tv: TaskVectors, density: float, scaling_coef: float, trim_scope:
                         disjoint_merge=disjoint)
 
 
-@register("ties", stream=ties_stream)
-def ties(
-    tv: TaskVectors,
-    *,
-    density: float = 0.2,
-    scaling_coef: float = 0.3,
-    trim_scope: str = "global",
-    disjoint_merge: str = "mean",
-) -> Delta:
-    """TIES-merging; see the module docstring for the options (k = density, λ = scaling_coef)."""
-    return ties_delta(tv, density, scaling_coef, trim_scope, disjoint_merge)
+ties = register_stream("ties", ties_stream,
+                       "TIES-merging; see the module docstring for the options (k = density, λ = scaling_coef).")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from symerge.merging.ops import run_blockwise, stream_delta
-from symerge.merging.registry import Delta, register
-from symerge.taskvectors import TaskVectors, TauSource
+from symerge.merging.ops import run_blockwise
+from symerge.merging.registry import register_stream
+from symerge.taskvectors import TauSource
 
 
 def weight_averaging_stream(source: TauSource, sink) -> None:
@@ -14,7 +14,4 @@ def weight_averaging_stream(source: TauSource, sink) -> None:
     run_blockwise(source, sink, lambda tau, out: torch.mean(tau, dim=0, out=out))
 
 
-@register("weight_averaging", stream=weight_averaging_stream)
-def weight_averaging(tv: TaskVectors) -> Delta:
-    """Mean of the experts; no options."""
-    return stream_delta(weight_averaging_stream, tv)
+weight_averaging = register_stream("weight_averaging", weight_averaging_stream, "Mean of the experts; no options.")
