@@ -59,7 +59,7 @@ def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
                  "adamerging", "surgery", "symerge"],
     )
     out = tmp_path / "run"
-    report = run_text_suite(cfg, out, model_dir=model_dir, tasks=tasks, progress=False, log=lambda _: None)
+    run_text_suite(cfg, out, model_dir=model_dir, tasks=tasks, progress=False, log=lambda _: None)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["suite"] == "text" and on_disk["protocol"] == "held-out" and on_disk["seed"] == 0
     assert [t["name"] for t in on_disk["tasks"]] == ["alpha", "beta", "gamma"]

@@ -62,7 +62,7 @@ class ModelPool:
     ) -> "ModelPool":
         """Full models: tensors under `head_prefixes` are each task's head, the rest is the shared encoder."""
         pairs = list(experts.items()) if isinstance(experts, Mapping) else list(experts)
-        tasks = check_task_names(name for name, _ in pairs)
+        check_task_names(name for name, _ in pairs)  # validates: unique, non-empty names
         base = as_state_dict(pretrained, "pretrained")
         enc_keys = [k for k in base if not is_head_key(k, head_prefixes)]
         encoders: dict[str, dict[str, Tensor]] = {}

@@ -10,7 +10,6 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.experts import ExpertCache

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.atomic import atomic_save
