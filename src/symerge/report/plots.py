@@ -176,8 +176,7 @@ def dense_predictions(images: np.ndarray, truth: Mapping[str, Any], predictions:
                 ax.imshow(images[row])
             else:
                 value = truth[task][row] if source == "truth" else predictions[source][task][row]
-                picture, style = dense_panel(task, np.asarray(value, dtype=np.float32) if task != "segmentation"
-                                             or source != "truth" else np.asarray(value), num_classes, depth_range)
+                picture, style = dense_panel(task, np.asarray(value), num_classes, depth_range)
                 ax.imshow(picture, **style)
             if row == 0:
                 ax.set_title(title, fontsize=7)

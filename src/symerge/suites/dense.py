@@ -89,13 +89,18 @@ def scene_tensors(scenes: Any) -> dict[str, Tensor]:
     }
 
 
-def load_splits(cfg: DenseSuiteConfig, sources: Any, cache_dir: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """Every split's tensors (scenes cached on disk) and their raw scenes (for the prediction figure)."""
+def load_splits(cfg: DenseSuiteConfig, sources: Any, cache_dir: Path) -> tuple[dict[str, dict[str, Tensor]], np.ndarray]:
+    """Every split's tensors (scenes cached on disk) and the test scenes' uint8 images (for the prediction figure)."""
     from symerge.data.scenes import cached_scenes
 
     sizes = {"train": cfg.n_train, "adapt": cfg.n_adapt, "val": cfg.n_val, "test": cfg.n_test}
-    raw = {split: cached_scenes(cache_dir, sources, n, cfg.seed, split) for split, n in sizes.items()}
-    return {split: scene_tensors(scenes) for split, scenes in raw.items()}, raw
+    splits, test_images = {}, None
+    for split, n in sizes.items():
+        scenes = cached_scenes(cache_dir, sources, n, cfg.seed, split)
+        splits[split] = scene_tensors(scenes)
+        if split == "test":
+            test_images = scenes.images
+    return splits, test_images
 
 
 def dense_task_data(task: str, splits: Mapping[str, Mapping[str, Tensor]]) -> TaskData:
@@ -152,7 +157,7 @@ def gap_closed_table(outcomes: Mapping[str, MethodOutcome], baseline: str = "tas
             for name, o in outcomes.items() if name not in ("individual", baseline)}
 
 
-def prediction_figure(bench: Benchmark, outcomes: Mapping[str, MethodOutcome], raw_test: Any, n: int,
+def prediction_figure(bench: Benchmark, outcomes: Mapping[str, MethodOutcome], test_images: np.ndarray, n: int,
                       device: str) -> Callable[[Path], None]:
     """A figure writer: per scene, the input, then ground truth and each shown method's predictions per task."""
     shown = [m for m in ("individual", "task_arithmetic", "symerge") if m in outcomes]
@@ -164,7 +169,7 @@ def prediction_figure(bench: Benchmark, outcomes: Mapping[str, MethodOutcome], r
     def draw(path: Path) -> None:
         from symerge.report.plots import dense_predictions
 
-        dense_predictions(raw_test.images[:n], truth, predictions, path)
+        dense_predictions(test_images[:n], truth, predictions, path)
 
     return draw
 
@@ -202,14 +207,14 @@ def run_dense_suite(
         from symerge.data.scenes import load_default_sources
 
         sources = load_default_sources()
-    splits, raw = load_splits(cfg, sources, cache_root() / "dense" / "scenes")
+    splits, test_images = load_splits(cfg, sources, cache_root() / "dense" / "scenes")
     data_seconds = time.perf_counter() - start
     log(f"dense suite: tasks {cfg.tasks}, protocol {cfg.protocol}, {model_name}; scenes ready in {data_seconds:.0f}s")
     bench, info = build_dense_benchmark(cfg, encoder, splits, cache_root() / "experts" / "dense", log, progress)
     outcomes = run_methods(bench, cfg.methods, cfg.protocol,
                            cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device}),
                            progress=progress, log=log)
-    figure = prediction_figure(bench, outcomes, raw["test"], cfg.figure_scenes, cfg.device)
+    figure = prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device)
     report = build_report("dense", cfg.protocol, cfg.seed, bench, outcomes, {}, config=cfg.model_dump(mode="json"),
                           extra={**info, "model": model_name, "data_seconds": data_seconds,
                                  "gap_closed": {"baseline": "task_arithmetic", "methods": gap_closed_table(outcomes)},
