@@ -132,7 +132,8 @@ def test_merge_static_and_adaptive_then_reload_with_plain_transformers(tmp_path,
     adapt, evals = hf_tiny.write_data(tmp_path, LABELS)
     inputs = batch()
     data = {"adapt": adapt, "eval": evals, "max_len": hf_tiny.MAX_LEN}
-    out = run_config(tmp_path, "ties", pre, experts, {"name": "ties", "options": {"density": 0.5}}, data)
+    out = run_config(tmp_path, "ties", pre, experts, {"name": "ties", "options": {"density": 0.5}}, data,
+                     export={"task_models": True})  # standalone tasks/<task>/ dirs are opt-in without overrides
     loaded, meta = check_outputs(out, inputs)
     assert meta["method"] == "ties" and meta["options"]["density"] == 0.5 and meta["seed"] == 0
     assert set(meta["metrics"]["accuracy"]) == set(LABELS)

@@ -177,8 +177,12 @@ def test_existing_output_dir_is_refused_unless_overwrite(bert, tmp_path, capsys)
     assert run(tmp_path, cfg) == 2
     assert "output_dir: '" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == []
+    assert run(tmp_path, cfg, "--overwrite") == 2  # not a symerge output: --overwrite never deletes it
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert run(tmp_path, cfg) == 0 and (out / "symerge.json").is_file()  # an empty dir is fine
+    assert run(tmp_path, cfg) == 2  # now a previous output: replaced only with --overwrite
     assert run(tmp_path, cfg, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "symerge.json").is_file()
     cfg["overwrite"] = True  # the config's own flag works too
     assert run(tmp_path, cfg) == 0
 

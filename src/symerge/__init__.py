@@ -14,8 +14,9 @@ __all__ = ["ModelPool", "TaskVectors", "SymergeError", "ValidationError", "load"
 __version__ = "0.1.0"
 
 
-def load(directory: "str | PathLike[str]") -> "MergeResult":
-    """Load a `symerge merge` output directory as a `MergeResult` (see `symerge.export.load`; imported lazily)."""
+def load(directory: "str | PathLike[str]", verify: bool = True) -> "MergeResult":
+    """Load a `symerge merge` output directory as a `MergeResult` (see `symerge.export.load`; imported lazily).
+    `verify=False` skips checking the files against the sha256 recorded in symerge.json."""
     from symerge.export import load as _load
 
-    return _load(directory)
+    return _load(directory, verify=verify)

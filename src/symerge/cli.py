@@ -15,14 +15,40 @@ def parse_methods(value: str | None) -> list[str] | None:
     return [m.strip() for m in value.split(",") if m.strip()] if value else None
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer ≥ 1 (e.g. --threads 0 would silently mean 'torch's choice')."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {number}")
+    return number
+
+
+def suite_config(config_cls: Any, quick: bool, overrides: dict[str, Any]) -> Any:
+    """The suite's config, or a SymergeError with one line per bad option (before any download or training)."""
+    import pydantic
+
+    try:
+        return config_cls.quick_preset(**overrides) if quick else config_cls(**overrides)
+    except pydantic.ValidationError as err:
+        lines = [f"--{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in err.errors()]
+        raise SymergeError("; ".join(lines)) from None
+
+
 def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: Any, extra: dict[str, Any]) -> int:
     """Shared driver of `symerge bench <suite>`: options -> config -> run -> table on stdout."""
     import torch
 
+    from symerge.atomic import prepare_output_dir
     from symerge.report.markdown import methods_table
+    from symerge.report.writer import REPORT_FILES
     from symerge.suites.runner import check_methods, known_methods
 
-    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, **extra}
+    overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, "precision": args.precision,
+                 **extra}
     methods = parse_methods(args.methods)
     if methods == ["all"]:
         methods = known_methods()
@@ -31,10 +57,9 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
         overrides["methods"] = methods
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
-    cfg = config_cls.quick_preset(**overrides) if args.quick else config_cls(**overrides)
+    cfg = suite_config(config_cls, args.quick, overrides)
     out = Path(args.out or f"runs/{suite}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SymergeError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
+    prepare_output_dir(out, args.overwrite, REPORT_FILES)  # before any work: only ever replace a previous report
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_suite(cfg, out, progress=not args.no_progress)
@@ -74,8 +99,10 @@ def cmd_methods(_: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from symerge.pipeline import run_merge
 
-    result, out = run_merge(args.config, overwrite=True if args.overwrite else None, progress=not args.no_progress)
-    print(f"merged {len(result.tasks)} tasks ({', '.join(result.tasks)}) with '{result.method}' -> {out}")
+    result, out = run_merge(args.config, overwrite=True if args.overwrite else None, progress=not args.no_progress,
+                            log=print)
+    print(f"merged {len(result.tasks)} tasks ({', '.join(result.tasks)}) with '{result.method}'")
+    print(f"output: {Path(out).resolve()}  (load it with symerge.load; see {Path(out) / 'symerge.json'})")
     return 0
 
 
@@ -89,8 +116,10 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     parser.add_argument("--tasks", help=f"comma-separated task names (default: {default_tasks})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="autocast dtype of adaptation (fp16: GPU only, with a GradScaler)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=func)

@@ -14,7 +14,6 @@ Every error names the field (dotted path, e.g. `method.options.densty`) and why;
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +22,14 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from symerge.adaptive.config import TrainerConfig
+from symerge.devices import check_precision, device_problem
 from symerge.errors import ValidationError
 
 FAMILIES = ("hf_text", "clip", "state_dict")
 ADAPTIVE = ("adamerging", "surgery", "symerge")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")  # .txt: one unlabeled text per line (adaptation only)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# build_trainer keywords that are not constructor arguments of the method class
-ADAPTIVE_COMMON_OPTIONS = ("granularity", "init", "clamp", "task_kinds")
 
 
 class Strict(BaseModel):
@@ -46,6 +44,15 @@ class ModelSection(Strict):
     templates: list[str] | None = Field(default=None, description="clip: prompt templates with '{}'")
     head_prefixes: list[str] | None = Field(default=None, description="state_dict: tensor-name prefixes of task heads")
     normalize: bool = Field(default=True, description="clip: L2-normalise image embeddings before the head")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="cast every loaded tensor to this dtype; auto: as stored (all must agree)")
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype to cast to, None for auto."""
+        import torch
+
+        return None if self.dtype == "auto" else getattr(torch, self.dtype)
 
 
 class MethodSection(Strict):
@@ -63,6 +70,14 @@ class DataSection(Strict):
     batch_size: int = Field(default=64, ge=1, description="batch size of inference passes")
 
 
+class ExportSection(Strict):
+    """What the output holds besides symerge.json, encoder/ and heads/ (see `symerge.export`)."""
+
+    task_models: bool | None = Field(
+        default=None, description="hf_text: also write tasks/<task>/, a standalone transformers classifier per task "
+        "(a full encoder copy each). Default: only for tasks with their own encoder tensors (EMR, SyMerge block mode)")
+
+
 class MergeConfig(Strict):
     model: ModelSection
     method: MethodSection
@@ -71,6 +86,7 @@ class MergeConfig(Strict):
     device: str = "cpu"
     output_dir: str = Field(min_length=1)
     overwrite: bool = False
+    export: ExportSection = Field(default_factory=ExportSection)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: str = PrivateAttr(default="<dict>")
@@ -98,9 +114,11 @@ class MergeConfig(Strict):
         return path if path.is_absolute() else (self.base_dir / path)
 
     def model_source(self, value: str) -> str:
-        """Local path if it exists relative to the config dir (or absolute), else the string as given (hub id)."""
+        """A local path (relative to the config dir) when the value is one — it exists, starts with '/', '.' or
+        '~', or its parent directory exists — else the string as given (a hub id)."""
         path = self.path(value)
-        if path.exists() or Path(value).expanduser().is_absolute() or value.startswith((".", "~")):
+        parent_exists = Path(value).parent != Path(".") and path.parent.is_dir()
+        if path.exists() or parent_exists or Path(value).expanduser().is_absolute() or value.startswith((".", "~")):
             return str(path)
         return value
 
@@ -115,6 +133,8 @@ class MergeConfig(Strict):
         update: dict[str, Any] = {"seed": self.seed, "device": self.device}
         if "regime" not in fields:
             update["regime"] = regime
+        if trainer.checkpoint_path is not None:  # relative to the config file, like every path here
+            update["checkpoint_path"] = self.path(str(trainer.checkpoint_path))
         return trainer.model_copy(update=update)
 
     def method_options(self) -> dict[str, Any]:
@@ -180,13 +200,21 @@ def known_methods() -> tuple[list[str], list[str]]:
     return available_methods(), list(ADAPTIVE)
 
 
-def adaptive_option_names(method: str) -> list[str]:
-    from symerge.adaptive import ADAPTIVE_METHODS
+def check_method_options(cfg: MergeConfig) -> None:
+    """Every option of the method — name, declared type, value — before anything is loaded; the options are kept
+    coerced to their declared types (e.g. a YAML list to a tuple)."""
+    from symerge.method_options import OptionError, check_adaptive_options, check_static_options
 
-    params = inspect.signature(ADAPTIVE_METHODS[method].__init__).parameters
-    own = [n for n, p in params.items() if n not in ("self", "merged", "heads", "feature_dim")
-           and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-    return sorted(set(own) | set(ADAPTIVE_COMMON_OPTIONS))
+    method = cfg.method
+    check = check_adaptive_options if method.name in ADAPTIVE else check_static_options
+    try:
+        method.options = check(method.name, dict(method.options), len(cfg.tasks))
+    except OptionError as err:
+        raise fail(cfg, f"method.options.{err.option}" if err.option else "method.options", str(err)) from None
+    trainer = method.trainer
+    if trainer is not None and trainer.steps is not None and trainer.steps < 1:
+        raise fail(cfg, "method.trainer.steps", f"{trainer.steps} adaptation steps would return the initial merge "
+                   "untrained; use ≥ 1 (or a static method such as task_arithmetic)")
 
 
 def check_task_sets(cfg: MergeConfig, field: str, names: list[str], exact: bool) -> None:
@@ -217,12 +245,8 @@ def check_config(cfg: MergeConfig) -> None:
     static, adaptive = known_methods()
     if method.name not in static and method.name not in adaptive:
         raise fail(cfg, "method.name", f"unknown method '{method.name}'; static: {static}; adaptive: {adaptive}")
+    check_method_options(cfg)
     if method.name in adaptive:
-        valid = adaptive_option_names(method.name)
-        unknown = sorted(set(method.options) - set(valid))
-        if unknown:
-            raise fail(cfg, f"method.options.{unknown[0]}", f"method '{method.name}' has no option '{unknown[0]}'; "
-                       f"valid options: {valid}")
         if method.trainer is not None:
             for name in ("seed", "device"):
                 if name in method.trainer.model_fields_set:
@@ -231,17 +255,15 @@ def check_config(cfg: MergeConfig) -> None:
             raise fail(cfg, "method.name", f"adaptive method '{method.name}' needs a model with a forward pass "
                        f"(family hf_text or clip); family 'state_dict' supports the static methods {static}")
     else:
-        from symerge.merging import get_method
-
-        try:
-            get_method(method.name).resolve_options(dict(method.options))
-        except ValidationError as err:
-            unknown = sorted(set(method.options) - set(get_method(method.name).defaults))
-            raise fail(cfg, f"method.options.{unknown[0]}" if unknown else "method.options", str(err)) from None
         if method.trainer is not None:
             raise fail(cfg, "method.trainer", f"'{method.name}' is a static method; only adaptive methods {adaptive} "
                        "take a trainer block")
     # family-specific model fields
+    if cfg.export.task_models and model.family != "hf_text":
+        raise fail(cfg, "export.task_models", f"standalone per-task models are written for family 'hf_text' only, not "
+                   f"'{model.family}' (load the output with symerge.load)")
+    if model.family == "clip" and model.dtype not in ("auto", "float32"):
+        raise fail(cfg, "model.dtype", f"family 'clip' is always loaded in float32 (got '{model.dtype}')")
     if model.family != "clip" and model.templates is not None:
         raise fail(cfg, "model.templates", f"prompt templates are for family 'clip', not '{model.family}'")
     if model.family != "state_dict" and model.head_prefixes is not None:
@@ -253,8 +275,9 @@ def check_config(cfg: MergeConfig) -> None:
         for i, template in enumerate(model.templates):
             if "{}" not in template:
                 raise fail(cfg, f"model.templates.{i}", f"template {template!r} has no '{{}}' for the class name")
+    converted = check_converted_input(cfg)
     names = model.class_names or {}
-    check_task_sets(cfg, "model.class_names", list(names), exact=model.family == "clip")
+    check_task_sets(cfg, "model.class_names", list(names), exact=model.family == "clip" and not converted)
     for task, classes in names.items():
         if not classes:
             raise fail(cfg, f"model.class_names.{task}", "empty list of class names")
@@ -287,6 +310,36 @@ def check_config(cfg: MergeConfig) -> None:
     check_output(cfg, cfg.overwrite)
 
 
+def check_converted_input(cfg: MergeConfig) -> bool:
+    """A `symerge convert` output as input: family clip with `pretrained` = the converted dir and each expert its
+    `<Task>` folder (its heads are used: no class names or templates needed). Other families pointed at one are
+    told how to use it (a converted dir or task folder; naming single .safetensors files in it stays allowed for
+    `state_dict`, which then merges the encoders only). Returns whether the input is a converted dir."""
+    from symerge.models.convert import converted_task, read_convert_manifest
+
+    model = cfg.model
+    sources = [("model.pretrained", model.pretrained)] + [(f"model.experts.{t}", p) for t, p in model.experts.items()]
+    root = cfg.path(model.pretrained)
+    manifest = read_convert_manifest(root) if root.is_dir() else None
+    if model.family != "clip" or manifest is None:
+        for field_name, value in sources:
+            path = cfg.path(value)
+            for folder in ((path, path.parent) if path.is_dir() else ()):
+                if (folder / "convert.json").is_file():
+                    raise fail(cfg, field_name, f"'{path}' is (in) a `symerge convert` output; merge it with family: "
+                               f"clip, pretrained: {folder} and experts {{<Task>: {folder}/<Task>}} (see README)")
+        return False
+    if model.templates is not None:
+        raise fail(cfg, "model.templates", f"'{root}' is a `symerge convert` output: its converted heads are used, "
+                   "so templates do not apply")
+    complete = sorted(t for t in manifest.get("experts", {}) if t in manifest.get("heads", {}))
+    for task, value in model.experts.items():
+        if converted_task(root, manifest, cfg.path(value)) is None:
+            raise fail(cfg, f"model.experts.{task}", f"'{cfg.path(value)}' is not a converted task of '{root}' (one "
+                       f"with a finetuned model and a head: {[str(root / t) for t in complete]})")
+    return True
+
+
 def check_data_path(cfg: MergeConfig, field: str, path: Path, labeled: bool) -> None:
     if not path.exists():
         raise fail(cfg, field, f"'{path}' does not exist")
@@ -295,6 +348,9 @@ def check_data_path(cfg: MergeConfig, field: str, path: Path, labeled: bool) -> 
             raise fail(cfg, field, f"'{path}' is not a file (text data: CSV, TSV or JSONL)")
         if path.suffix.lower() not in TEXT_SUFFIXES:
             raise fail(cfg, field, f"'{path.name}': unknown text data format '{path.suffix}'; use {list(TEXT_SUFFIXES)}")
+        if labeled and path.suffix.lower() == ".txt":
+            raise fail(cfg, field, f"'{path.name}': a .txt file holds texts without labels; labeled data must be "
+                       "CSV, TSV or JSONL with a label column")
     elif cfg.model.family == "clip":
         if not path.is_dir():
             raise fail(cfg, field, f"'{path}' is not a folder (image data: a folder of images"
@@ -302,15 +358,14 @@ def check_data_path(cfg: MergeConfig, field: str, path: Path, labeled: bool) -> 
 
 
 def check_device(cfg: MergeConfig) -> None:
-    import torch
-
-    device = cfg.device
-    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
-        raise fail(cfg, "device", f"'{device}' is not a device; use cpu, cuda, cuda:N or mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise fail(cfg, "device", f"'{device}' requested but CUDA is not available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise fail(cfg, "device", "'mps' requested but MPS is not available")
+    problem = device_problem(cfg.device)
+    if problem is not None:
+        raise fail(cfg, "device", problem)
+    trainer = cfg.method.trainer
+    if trainer is not None and cfg.adaptive:
+        problem = check_precision(trainer.precision, cfg.device)
+        if problem is not None:
+            raise fail(cfg, "method.trainer.precision", problem)
 
 
 def local_inputs(cfg: MergeConfig) -> list[Path]:
@@ -319,11 +374,17 @@ def local_inputs(cfg: MergeConfig) -> list[Path]:
 
 
 def check_output(cfg: MergeConfig, overwrite: bool) -> None:
+    """The shared output-dir rule (`symerge.atomic.check_output_dir`: replace only an empty dir or a previous output,
+    writable parent), plus: the output must not overlap an input."""
+    from symerge.atomic import check_output_dir
+    from symerge.export import METADATA_FILE
+
     out = cfg.output_path
-    if out.exists() and not overwrite:
-        raise fail(cfg, "output_dir", f"'{out}' already exists; pass --overwrite (or set overwrite: true) to replace it")
-    if out.exists() and not out.is_dir():
-        raise fail(cfg, "output_dir", f"'{out}' exists and is not a directory")
+    try:
+        check_output_dir(out, overwrite, (METADATA_FILE,), hint="pass --overwrite (or set overwrite: true)",
+                         label="")
+    except ValidationError as err:
+        raise fail(cfg, "output_dir", str(err)) from None
     resolved = out.resolve()
     for source in local_inputs(cfg):
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):

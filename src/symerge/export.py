@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symerge.atomic import atomic_directory
+from symerge.atomic import atomic_directory, prepare_output_dir, share_modes
 from symerge.errors import SymergeError, ValidationError
 from symerge.result import MergeResult
 
@@ -48,6 +48,7 @@ class ExportInfo:
     architecture: str | None = None  # hf_text: the *ForSequenceClassification class
     task_configs: dict[str, Any] = field(default_factory=dict)  # hf_text: each task's classifier config
     tokenizer: Any = None  # saved next to HF models
+    task_models: bool | None = None  # hf_text: write tasks/<task>/ (None: only for tasks with their own encoder)
     processor: Any = None  # clip image processor
     normalize: bool = True  # clip: L2-normalised embeddings
 
@@ -91,6 +92,7 @@ def save_tensors(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str,
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
+    share_modes(Path(path))  # safetensors writes 0600; give the file the modes of a plain write
 
 
 def load_tensors(path: Path, what: str) -> dict[str, Tensor]:
@@ -145,14 +147,27 @@ def write_result(
 ) -> Path:
     """Write `result` (see the module docstring for the layout); refuse an existing `output_dir` unless `overwrite`."""
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise ValidationError(f"output dir '{out}' already exists; pass --overwrite to replace it")
-    with atomic_directory(out, replace=overwrite) as tmp:
+    prepare_output_dir(out, overwrite, (METADATA_FILE,))
+    with atomic_directory(out, replace=overwrite, manifests=(METADATA_FILE,)) as tmp:
         files = write_files(result, tmp, info, dict(metadata or {}))
         meta = json.loads((tmp / METADATA_FILE).read_text())
         meta["outputs"] = {name: sha256_file(tmp / name) for name in files}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def standalone_tasks(result: MergeResult, info: ExportInfo) -> list[str]:
+    """The tasks that get a standalone transformers classifier in tasks/<task>/ (hf_text only).
+
+    Each is a full encoder copy, so by default (`task_models=None`) only tasks whose encoder differs from the
+    shared one (per-task overrides: EMR, SyMerge block mode) get one: for them encoder/ + heads/ is not the task's
+    model. Otherwise the shared encoder/ plus the small heads/ are the whole result (`task_model` rebuilds a
+    transformers classifier from them on demand). `task_models=True` writes every task, `False` none."""
+    if info.family != "hf_text" or info.task_models is False:
+        return []
+    if info.task_models:
+        return list(result.tasks)
+    return [t for t in result.tasks if result.task_overrides.get(t)]
 
 
 def write_files(result: MergeResult, root: Path, info: ExportInfo, metadata: dict[str, Any]) -> list[str]:
@@ -207,20 +222,20 @@ def write_files(result: MergeResult, root: Path, info: ExportInfo, metadata: dic
     # ready-to-use per-task classifiers
     task_dirs: dict[str, str | None] = {t: None for t in tasks}
     skipped = None
-    if info.family == "hf_text":
-        if result.adapters:
-            skipped = f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
-        else:
-            from symerge.models.hf_text import build_classifier, quiet_transformers
+    wanted = standalone_tasks(result, info)
+    if info.family == "hf_text" and result.adapters:
+        skipped = f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
+    elif wanted:
+        from symerge.models.hf_text import build_classifier, quiet_transformers
 
-            for task in tasks:
-                model = build_classifier(info.architecture, info.task_configs[task], result.encoder_params(task),
-                                         head_state(result.heads[task]))
-                with quiet_transformers():
-                    model.save_pretrained(root / "tasks" / task)
-                if info.tokenizer is not None:
-                    info.tokenizer.save_pretrained(root / "tasks" / task)
-                task_dirs[task] = f"tasks/{task}"
+        for task in wanted:
+            model = build_classifier(info.architecture, info.task_configs[task], result.encoder_params(task),
+                                     head_state(result.heads[task]))
+            with quiet_transformers():
+                model.save_pretrained(root / "tasks" / task)
+            if info.tokenizer is not None:
+                info.tokenizer.save_pretrained(root / "tasks" / task)
+            task_dirs[task] = f"tasks/{task}"
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -239,6 +254,7 @@ def write_files(result: MergeResult, root: Path, info: ExportInfo, metadata: dic
             for t in tasks
         },
         "transformers_dirs_skipped": skipped,
+        "export": {"task_models": any(task_dirs.values())},
         "encoder": encoder_entry,
         "lambdas": lambdas_entry,
         **jsonable(metadata),
@@ -267,10 +283,30 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load(directory: str | Path) -> MergeResult:
-    """Rebuild the `MergeResult` written by `write_result` (`symerge merge`); predictions are reproduced exactly."""
+def verify_outputs(root: Path, meta: Mapping[str, Any]) -> None:
+    """Check every file `load` reads against the sha256 that symerge.json recorded, so a swapped or damaged head,
+    encoder or λ file fails loudly instead of loading silently (tasks/ is not read by `load`, so not hashed)."""
+    for name, digest in (meta.get("outputs") or {}).items():
+        if name.startswith("tasks/"):
+            continue
+        path = root / name
+        if not path.is_file():
+            raise ValidationError(f"'{root}': '{name}' is missing (symerge.json records it); pass verify=False to "
+                                  "load what is there")
+        if sha256_file(path) != digest:
+            raise ValidationError(f"'{root}': '{name}' does not match the sha256 recorded in {METADATA_FILE} (the file "
+                                  "was changed or swapped after the merge); pass verify=False to load it anyway")
+
+
+def load(directory: str | Path, verify: bool = True) -> MergeResult:
+    """Rebuild the `MergeResult` written by `write_result` (`symerge merge`); predictions are reproduced exactly.
+
+    `verify` (default) checks each file against the sha256 recorded in symerge.json first; `verify=False` skips
+    that (faster for big encoders, and loads files that were edited on purpose)."""
     root = Path(directory)
     meta = read_metadata(root)
+    if verify:
+        verify_outputs(root, meta)
     family = meta["family"]
     tasks = list(meta["tasks"])
     if family == "hf_text":
@@ -308,11 +344,39 @@ def load(directory: str | Path) -> MergeResult:
     if meta.get("lambdas"):
         lambdas = load_tensors(root / meta["lambdas"]["file"], "λ")["lambdas"]
         rows = list(json.loads((root / meta["lambdas"]["names"]).read_text())["rows"])
+    tokenizer = None
+    if family == "hf_text":  # saved beside the encoder: predict(task, ["raw text"]) tokenises as the run did
+        from symerge.models.hf_text import load_tokenizer
+
+        tokenizer = load_tokenizer([str(root / meta["encoder"]["path"])])
+    max_len = int(((meta.get("config") or {}).get("data") or {}).get("max_len") or 128)
     return MergeResult(
         method=meta["method"], tasks=tasks, encoder=encoder, encoder_state=encoder_state, heads=heads,
         task_overrides=overrides, adapters=adapters, lambdas=lambdas, lambda_rows=rows,
         loss_history=list(meta.get("loss_history") or []), provenance=dict(meta.get("provenance") or {}),
+        tokenizer=tokenizer, max_len=max_len,
     )
+
+
+def task_model(directory: str | Path, task: str, verify: bool = True) -> nn.Module:
+    """A plain transformers `*ForSequenceClassification` for `task` of an hf_text output, in either layout: the
+    standalone tasks/<task>/ when it was written, else rebuilt from encoder/ (+ the task's overrides) and its head."""
+    root = Path(directory)
+    meta = read_metadata(root)
+    if meta["family"] != "hf_text":
+        raise ValidationError(f"'{root}': task models exist for family 'hf_text' only, not '{meta['family']}'")
+    if task not in meta["tasks"]:
+        raise ValidationError(f"unknown task '{task}'; '{root}' has {list(meta['tasks'])}")
+    if meta["tasks"][task].get("adapter"):
+        raise ValidationError(f"task '{task}' of '{root}' has a Surgery adapter, which has no transformers form; "
+                              "use symerge.load")
+    from symerge.models.hf_text import build_classifier, config_from_json, load_classifier
+
+    if meta["tasks"][task].get("transformers_dir"):
+        return load_classifier(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
+    result = load(root, verify=verify)
+    config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
+    return build_classifier(meta["architecture"], config, result.encoder_params(task), head_state(result.heads[task]))
 
 
 def load_adapter(path: Path, task: str) -> nn.Module:

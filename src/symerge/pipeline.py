@@ -6,11 +6,12 @@ output directory is written atomically, so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs
+from symerge.batching import Inputs
+from symerge.atomic import clean_stale_temp_dirs
 from symerge.config import IMAGE_SUFFIXES, MergeConfig, check_output, load_config, parse_config
 from symerge.errors import SymergeError, ValidationError
 from symerge.export import ExportInfo, TensorStore, jsonable, sha256_file, sha256_tree, write_result
@@ -58,9 +60,11 @@ def model_field(cfg: MergeConfig, message: str) -> str:
     return "model"
 
 
-def load_model(cfg: MergeConfig) -> LoadedModel:
+def load_model(cfg: MergeConfig, progress: bool = False) -> LoadedModel:
     loaders = {"hf_text": load_hf_text, "clip": load_clip, "state_dict": load_state_dicts}
     try:
+        if cfg.model.family == "hf_text":
+            return load_hf_text(cfg, progress)
         return loaders[cfg.model.family](cfg)
     except ValidationError as err:
         if str(err).startswith(cfg.source):
@@ -68,11 +72,12 @@ def load_model(cfg: MergeConfig) -> LoadedModel:
         raise config_error(cfg, model_field(cfg, str(err)), err) from None
 
 
-def load_hf_text(cfg: MergeConfig) -> LoadedModel:
+def load_hf_text(cfg: MergeConfig, progress: bool = False) -> LoadedModel:
     from symerge.models.hf_text import load_text_classifier_pool
 
     experts = {t: cfg.model_source(p) for t, p in cfg.model.experts.items()}
-    tp = load_text_classifier_pool(cfg.model_source(cfg.model.pretrained), experts)
+    tp = load_text_classifier_pool(cfg.model_source(cfg.model.pretrained), experts, dtype=cfg.model.torch_dtype,
+                                   progress=progress)
     names = tp.class_names
     for task, given in (cfg.model.class_names or {}).items():
         width = tp.num_labels[task]
@@ -84,9 +89,9 @@ def load_hf_text(cfg: MergeConfig) -> LoadedModel:
     return LoadedModel("hf_text", tp.encoder, dict(tp.heads), tp.pool, names, tp.num_labels, text=tp)
 
 
-def clip_image_processor(source: str) -> Any:
+def clip_image_processor(source: str, image_size: int | None = None) -> Any:
     """The CLIP image processor of the pretrained dir (PIL + numpy backend: no torchvision), else CLIP defaults
-    at the model's image size."""
+    at the model's image size (`image_size`, or read from the dir's config)."""
     import transformers
 
     from symerge.models.hf_text import quiet_transformers, read_config
@@ -96,8 +101,9 @@ def clip_image_processor(source: str) -> Any:
         with quiet_transformers():
             return cls.from_pretrained(source)
     except Exception:  # noqa: BLE001 - no preprocessor_config.json: fall back to the model's image size
-        config = read_config(source, "pretrained")
-        size = int(getattr(getattr(config, "vision_config", config), "image_size"))
+        if image_size is None:
+            config = read_config(source, "pretrained")
+        size = image_size or int(getattr(getattr(config, "vision_config", config), "image_size"))
         return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -107,8 +113,11 @@ def load_clip(cfg: MergeConfig) -> LoadedModel:
     if importlib.util.find_spec("symerge.models.clip") is None:
         raise config_error(cfg, "model.family", "'clip' needs symerge.models.clip, which this installation lacks")
     from symerge.models.clip import DEFAULT_TEMPLATES, load_clip_pool
+    from symerge.models.convert import read_convert_manifest
 
     pretrained = cfg.model_source(cfg.model.pretrained)
+    if Path(pretrained).is_dir() and read_convert_manifest(Path(pretrained)) is not None:
+        return load_converted_clip(cfg, Path(pretrained))
     experts = {t: cfg.model_source(p) for t, p in cfg.model.experts.items()}
     names = {t: list(v) for t, v in (cfg.model.class_names or {}).items()}
     templates = list(cfg.model.templates) if cfg.model.templates else list(DEFAULT_TEMPLATES)
@@ -116,6 +125,29 @@ def load_clip(cfg: MergeConfig) -> LoadedModel:
                                           device=cfg.device)
     return LoadedModel("clip", encoder, dict(heads), pool, names, {t: len(n) for t, n in names.items()},
                        processor=clip_image_processor(pretrained))
+
+
+def load_converted_clip(cfg: MergeConfig, root: Path) -> LoadedModel:
+    """A `symerge convert` output (task_vectors layout) as a clip pool: its converted heads are the task heads, so
+    class names are optional (needed only to read labeled eval data)."""
+    from symerge.models.clip import load_converted_pool
+    from symerge.models.convert import converted_task, read_convert_manifest
+
+    manifest = read_convert_manifest(root) or {}
+    source = {t: converted_task(root, manifest, cfg.path(p)) for t, p in cfg.model.experts.items()}
+    encoder, heads, pool = load_converted_pool(root, tasks=list(source.values()), normalize=cfg.model.normalize)
+    if any(t != s for t, s in source.items()):  # the config names the tasks differently from the converted dirs
+        heads = {t: heads[s] for t, s in source.items()}
+        pool = ModelPool.from_parts(encoder.state_dict(), {t: pool.experts[s] for t, s in source.items()}, heads)
+    widths = {t: int(h.weight.shape[0]) for t, h in heads.items()}
+    names = {t: list(v) for t, v in (cfg.model.class_names or {}).items()}
+    for task, given in names.items():
+        if len(given) != widths[task]:
+            raise config_error(cfg, f"model.class_names.{task}", f"{len(given)} class names, but the converted head "
+                               f"'{root / manifest['heads'][source[task]]}' has {widths[task]} classes")
+    info = manifest["files"][manifest["pretrained"]].get("hf_vision_config") or {}
+    return LoadedModel("clip", encoder, dict(heads), pool, names, widths,
+                       processor=clip_image_processor(str(root), int(info.get("image_size", 224))))
 
 
 def read_safetensors(path: Path, owner: str) -> dict[str, Tensor]:
@@ -147,9 +179,17 @@ def read_safetensors(path: Path, owner: str) -> dict[str, Tensor]:
     return state
 
 
+def cast_floats(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Floating tensors cast to `dtype` (model.dtype; None: as stored); integer buffers untouched."""
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def load_state_dicts(cfg: MergeConfig) -> LoadedModel:
-    pre = read_safetensors(cfg.path(cfg.model.pretrained), "pretrained")
-    experts = {t: read_safetensors(cfg.path(p), f"expert '{t}'") for t, p in cfg.model.experts.items()}
+    dtype = cfg.model.torch_dtype
+    pre = cast_floats(read_safetensors(cfg.path(cfg.model.pretrained), "pretrained"), dtype)
+    experts = {t: cast_floats(read_safetensors(cfg.path(p), f"expert '{t}'"), dtype) for t, p in cfg.model.experts.items()}
     names = {t: list(v) for t, v in (cfg.model.class_names or {}).items()}
     prefixes = list(cfg.model.head_prefixes or [])
     pool = ModelPool.from_models(pre, experts, head_prefixes=prefixes, num_classes={t: len(n) for t, n in names.items()})
@@ -171,6 +211,8 @@ def read_rows(path: Path, field_name: str, cfg: MergeConfig) -> list[dict[str, A
         except csv.Error as err:
             raise config_error(cfg, field_name, f"'{path}' is not valid CSV: {err}") from None
         return rows
+    if suffix == ".txt":
+        return [{cfg.data.text_column: line} for line in text.splitlines() if line.strip()]
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -228,6 +270,9 @@ def read_text_data(cfg: MergeConfig, split: str, task: str, class_names: list[st
         texts.append(text)
         if class_names is not None:
             labels.append(parse_label(row.get(cfg.data.label_column), class_names, f"'{path}' row {number}", cfg, field_name))
+    if not any(t.strip() for t in texts):
+        raise config_error(cfg, field_name, f"'{path}': every '{cfg.data.text_column}' value is empty "
+                           f"({len(texts)} rows); nothing to {'evaluate' if class_names is not None else 'adapt'} on")
     return texts, labels if class_names is not None else None
 
 
@@ -320,13 +365,16 @@ def run_method(cfg: MergeConfig, loaded: LoadedModel, adapt_inputs: Mapping[str,
     return MergeResult(name, loaded.tasks, loaded.encoder, tv.apply(delta), dict(loaded.heads), provenance=provenance)
 
 
-def evaluate(result: MergeResult, eval_data: Mapping[str, tuple[Inputs, Tensor]], cfg: MergeConfig) -> dict[str, Any] | None:
+def evaluate(result: MergeResult, eval_data: Mapping[str, tuple[Inputs, Tensor]], cfg: MergeConfig,
+             progress: bool = False) -> dict[str, Any] | None:
+    from tqdm.auto import tqdm
+
     from symerge.evaluation.metrics import accuracy
 
     if not eval_data:
         return None
     scores = {}
-    for task, (inputs, labels) in eval_data.items():
+    for task, (inputs, labels) in tqdm(eval_data.items(), desc="evaluate", unit="task", disable=not progress):
         logits = result.predict(task, inputs, batch_size=cfg.data.batch_size, device=cfg.device)
         scores[task] = accuracy(logits, labels)
     return {"accuracy": scores, "average_accuracy": sum(scores.values()) / len(scores),
@@ -354,9 +402,9 @@ def input_hashes(cfg: MergeConfig) -> dict[str, Any]:
 
 # --- the whole run ---------------------------------------------------------------------------------------------------
 def run_merge(config: str | Path | MergeConfig | Mapping[str, Any], overwrite: bool | None = None,
-              progress: bool = True) -> tuple[MergeResult, Path]:
+              progress: bool = True, log: Callable[[str], None] | None = None) -> tuple[MergeResult, Path]:
     """Validate `config` (a YAML path, a mapping or a `MergeConfig`), merge, evaluate and export; returns the result
-    and the output directory."""
+    and the output directory. `log` (e.g. `print`) receives each phase's duration and the metrics table."""
     config_file = None
     if isinstance(config, MergeConfig):
         cfg = config
@@ -369,15 +417,22 @@ def run_merge(config: str | Path | MergeConfig | Mapping[str, Any], overwrite: b
     else:
         config_file = Path(config)
         cfg = load_config(config_file, overwrite=overwrite)
+    clean_stale_temp_dirs(cfg.output_path)  # a killed earlier run's temp dir, before this run needs the space
     start = time.perf_counter()
-    loaded = load_model(cfg)
-    adapt_inputs = {t: task_inputs(cfg, loaded, "adapt", t, labeled=False)[0] for t in cfg.data.adapt} if cfg.adaptive else {}
-    eval_data = {t: task_inputs(cfg, loaded, "eval", t, labeled=True) for t in cfg.data.eval}
-    hashes = input_hashes(cfg)
-    if config_file is not None:
-        hashes["config"] = {"path": str(config_file), "sha256": sha256_file(config_file)}
-    result = run_method(cfg, loaded, adapt_inputs, progress)
-    metrics = evaluate(result, eval_data, cfg)
+    phases = PhaseTimer(log)
+    with phases("load"):
+        loaded = load_model(cfg, progress)
+        adapt_inputs = {t: task_inputs(cfg, loaded, "adapt", t, labeled=False)[0] for t in cfg.data.adapt} if cfg.adaptive else {}
+        eval_data = {t: task_inputs(cfg, loaded, "eval", t, labeled=True) for t in cfg.data.eval}
+        hashes = input_hashes(cfg)
+        if config_file is not None:
+            hashes["config"] = {"path": str(config_file), "sha256": sha256_file(config_file)}
+    with phases("adapt" if cfg.adaptive else "merge"):
+        result = run_method(cfg, loaded, adapt_inputs, progress)
+    if loaded.text is not None:  # predict(task, ["raw text"]) works on the returned result as on a loaded one
+        result.tokenizer, result.max_len = loaded.text.tokenizer, cfg.data.max_len
+    with phases("evaluate"):
+        metrics = evaluate(result, eval_data, cfg, progress)
     from symerge import __version__
 
     metadata = {
@@ -390,15 +445,44 @@ def run_merge(config: str | Path | MergeConfig | Mapping[str, Any], overwrite: b
         "inputs": hashes,
         "metrics": metrics,
         "seconds": time.perf_counter() - start,
+        "phase_seconds": dict(phases.seconds),
     }
     info = ExportInfo(
         family=loaded.family, num_labels=dict(loaded.num_labels), class_names=dict(loaded.class_names),
         architecture=loaded.text.architecture if loaded.text is not None else None,
         task_configs=task_configs(loaded), tokenizer=loaded.text.tokenizer if loaded.text is not None else None,
-        processor=loaded.processor, normalize=cfg.model.normalize,
+        processor=loaded.processor, normalize=cfg.model.normalize, task_models=cfg.export.task_models,
     )
-    out = write_result(result, cfg.output_path, info, jsonable(metadata), overwrite=cfg.overwrite)
+    with phases("export"):
+        out = write_result(result, cfg.output_path, info, jsonable(metadata), overwrite=cfg.overwrite)
+    if log is not None and metrics is not None:
+        log(metrics_table(metrics))
     return result, out
+
+
+class PhaseTimer:
+    """`with timer("load"): ...` records the phase's seconds and reports it through `log` as it ends."""
+
+    def __init__(self, log: Callable[[str], None] | None):
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - start
+        if self.log is not None:
+            self.log(f"{phase:<9} {self.seconds[phase]:7.1f} s")
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """Per-task accuracy (Markdown), with the number of evaluation samples and the average."""
+    rows = ["| task | accuracy | samples |", "|---|---:|---:|"]
+    for task, value in metrics["accuracy"].items():
+        rows.append(f"| {task} | {100 * value:.2f} | {metrics['samples'][task]} |")
+    rows.append(f"| average | {100 * metrics['average_accuracy']:.2f} | |")
+    return "\n".join(rows)
 
 
 def task_configs(loaded: LoadedModel) -> dict[str, Any]:

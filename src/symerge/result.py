@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, batch_indices, encode_all
+from symerge.batching import Inputs, batch_indices, encode_all
+from symerge.devices import module_on
 from symerge.errors import ValidationError
 
 
@@ -32,6 +33,8 @@ class MergeResult:
     lambda_rows: list[str] = field(default_factory=list)
     loss_history: list[dict[str, float]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None  # text models: turns raw strings given to predict / features into token inputs
+    max_len: int = 128  # token limit used with `tokenizer` (the run's data.max_len)
 
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -43,21 +46,39 @@ class MergeResult:
         params.update(self.task_overrides.get(task, {}))
         return params
 
+    def as_inputs(self, inputs: Inputs | str | Sequence[str]) -> Inputs:
+        """Raw text (one string or a list of strings) tokenised with the saved tokenizer and max_len; tensors as given."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)):
+            if not inputs or not all(isinstance(t, str) for t in inputs):
+                raise ValidationError("inputs must be a tensor, a dict of tensors, or a non-empty list of strings")
+            if self.tokenizer is None:
+                raise ValidationError(f"this '{self.method}' result has no tokenizer, so it cannot take raw strings: "
+                                      "set result.tokenizer (and result.max_len) or pass token tensors")
+            from symerge.models.text import tokenize
+
+            return tokenize(self.tokenizer, inputs, self.max_len)
+        return inputs
+
     @torch.no_grad()
-    def features(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
-        """Encoder output for `task` (after Surgery's adapter if any), on CPU."""
-        params = {k: v.to(device) for k, v in self.encoder_params(task).items()}
-        feats = encode_all(self.encoder.to(device).eval(), inputs, params, batch_size, device)
+    def features(self, task: str, inputs: Inputs | Sequence[str], batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> Tensor:
+        """Encoder output for `task` (after Surgery's adapter if any), on CPU; `inputs` may be raw strings."""
+        inputs = self.as_inputs(inputs)
+        encoder = module_on(self.encoder, device, replace=self.encoder_params(task)).eval()
+        feats = encode_all(encoder, inputs, None, batch_size, device)
         adapter = self.adapters.get(task)
         if adapter is not None:
-            adapter = adapter.to(device).eval()
+            adapter = module_on(adapter, device).eval()
             feats = torch.cat([adapter(feats[i].to(device)).float().cpu() for i in batch_indices(len(feats), batch_size)])
         return feats
 
     @torch.no_grad()
-    def predict(self, task: str, inputs: Inputs, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
-        """Task output (logits / regression values / dense maps) on CPU."""
-        head = self.heads[task].to(device).eval()
+    def predict(self, task: str, inputs: Inputs | Sequence[str], batch_size: int = 64,
+                device: str | torch.device = "cpu") -> Tensor:
+        """Task output (logits / regression values / dense maps) on CPU; `inputs` may be raw strings (text models)."""
+        head = module_on(self.heads[task], device).eval()  # copies: the result's own modules never move
         feats = self.features(task, inputs, batch_size, device)
         return torch.cat([head(feats[index].to(device)).float().cpu() for index in batch_indices(len(feats), batch_size)])
 
@@ -67,5 +88,5 @@ class MergeResult:
             method=method or f"{self.method}+heads", tasks=list(self.tasks), encoder=self.encoder,
             encoder_state=self.encoder_state, heads=dict(heads), task_overrides=self.task_overrides,
             adapters=self.adapters, lambdas=self.lambdas, lambda_rows=self.lambda_rows,
-            provenance={**self.provenance, "heads_from": "other"},
+            provenance={**self.provenance, "heads_from": "other"}, tokenizer=self.tokenizer, max_len=self.max_len,
         )

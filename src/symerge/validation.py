@@ -66,7 +66,8 @@ def check_same_layout(reference: StateDict, other: StateDict, owner: str, keys: 
         if tuple(got.shape) != tuple(ref.shape):
             raise ValidationError(f"{owner}: tensor '{key}' has shape {tuple(got.shape)}, pretrained has {tuple(ref.shape)}")
         if got.dtype != ref.dtype:
-            raise ValidationError(f"{owner}: tensor '{key}' has dtype {got.dtype}, pretrained has {ref.dtype}")
+            raise ValidationError(f"{owner}: tensor '{key}' has dtype {got.dtype}, pretrained has {ref.dtype}; load "
+                                  "every checkpoint in one dtype (merge config: set model.dtype: float32)")
 
 
 def validate_state_dicts(

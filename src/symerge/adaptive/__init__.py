@@ -16,12 +16,14 @@ from symerge.adaptive.adamerging import AdaMerging
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.config import REGIMES, TrainerConfig
 from symerge.adaptive.experts import ExpertCache, compute_expert_cache
+from symerge.adaptive.fingerprint import run_fingerprint
 from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder, default_init
 from symerge.adaptive.surgery import Surgery
 from symerge.adaptive.symerge_method import SyMerge
 from symerge.adaptive.finish import finish
 from symerge.adaptive.trainer import Trainer
+from symerge.devices import module_on
 from symerge.errors import ValidationError
 from symerge.result import MergeResult
 from symerge.taskvectors import TaskVectors
@@ -81,13 +83,13 @@ def build_trainer(
     if missing:
         raise ValidationError(f"no adaptation inputs for task '{missing[0]}'")
     torch.manual_seed(cfg.seed)
-    merged = MergedEncoder(
-        encoder, task_vectors, granularity=granularity or DEFAULT_GRANULARITY[method],
-        init=resolve_init(init, task_vectors.num_tasks), clamp=clamp,
-    ).to(cfg.device)
-    heads_on_device = {t: h.to(cfg.device) for t, h in heads.items()}
+    lambda_init = resolve_init(init, task_vectors.num_tasks)
+    chosen_granularity = granularity or DEFAULT_GRANULARITY[method]
+    merged = MergedEncoder(encoder, task_vectors, granularity=chosen_granularity, init=lambda_init, clamp=clamp).to(cfg.device)
+    heads_on_device = {t: module_on(h, cfg.device) for t, h in heads.items()}  # the caller's heads stay where they are
     if cache is None:
-        cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress)
+        cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress,
+                                     cfg.precision)
     cls = ADAPTIVE_METHODS[method]
     options = dict(method_options)
     if cls is Surgery:
@@ -97,7 +99,15 @@ def build_trainer(
         adaptive = cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
     except TypeError as err:
         raise ValidationError(f"adaptive method '{method}': {err}") from None
-    return Trainer(adaptive, dict(inputs), cache, cfg, method_options=options)
+    fingerprint = None
+    if cfg.checkpoint_path is not None:  # only a checkpointed run needs one (it hashes every weight once)
+        fingerprint = run_fingerprint(
+            method=method, options={k: v for k, v in options.items() if k != "feature_dim"}, config=cfg,
+            tasks=list(task_vectors.tasks), task_kinds=adaptive.task_kinds, granularity=chosen_granularity, clamp=clamp,
+            init=lambda_init, inputs=inputs, pretrained=task_vectors.pretrained, task_vectors=task_vectors.vectors,
+            heads=heads,
+        )
+    return Trainer(adaptive, dict(inputs), cache, cfg, method_options=options, fingerprint=fingerprint)
 
 
 def adapt(

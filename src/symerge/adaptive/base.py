@@ -10,6 +10,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.experts import ExpertCache
@@ -53,7 +54,7 @@ class AdaptiveMethod(nn.Module):
         return self.heads[self.slot(task)]
 
     # --- hooks -------------------------------------------------------------------------------------------
-    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str) -> None:
+    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str | torch.device) -> None:
         """Called once by the trainer before the loop (e.g. to cache what does not change during training)."""
 
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
@@ -83,7 +84,7 @@ class AdaptiveMethod(nn.Module):
         return MergeResult(
             method=self.name,
             tasks=list(self.tasks),
-            encoder=self.merged.encoder,
+            encoder=self.merged.architecture,
             encoder_state=self.merged.merged_state(),
             heads={t: copy.deepcopy(self.head(t)).requires_grad_(False).cpu() for t in self.tasks},
             task_overrides={t: {k: v.detach().cpu().clone() for k, v in self.encoder_overrides(t).items()} for t in self.tasks

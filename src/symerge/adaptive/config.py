@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from symerge.devices import DeviceName, Precision, check_precision
 from symerge.errors import ValidationError
 
 # Paper App. A.1: vision Adam 1e-2 with the head (1e-3 coefficients only), 500 its, batch 32;
@@ -30,13 +31,23 @@ class TrainerConfig(BaseModel):
     layer_lr: float | None = Field(default=None, gt=0, description="learning rate of the task-specific layers")
     update: Literal["sequential", "summed"] = "sequential"
     seed: int = 0
-    device: str = "cpu"
+    device: DeviceName = "cpu"
+    precision: Precision = Field(default="fp32", description="autocast dtype of the merged forward and expert pass; "
+                                 "λ, task layers and optimizer state stay fp32 (fp16 adds a GradScaler)")
     expert_batch_size: int = Field(default=64, ge=1)
     checkpoint_every: int = Field(default=0, ge=0)
     checkpoint_path: Path | None = None
     resume: bool = False
     progress: bool = True
     log_every: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def precision_fits_device(self) -> "TrainerConfig":
+        """Checked here when the device is given, else when resolved (a config file gives the device elsewhere)."""
+        problem = check_precision(self.precision, self.device) if "device" in self.model_fields_set else None
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
     def resolved(self, coefficients_only: bool = False) -> "TrainerConfig":
         """Fill unset fields from the regime's paper defaults."""
@@ -48,6 +59,9 @@ class TrainerConfig(BaseModel):
             "lr": lr,
             "layer_lr": self.layer_lr if self.layer_lr is not None else float(preset["lr"]),
         })
+        problem = check_precision(out.precision, out.device)
+        if problem is not None:
+            raise ValidationError(problem)
         if out.checkpoint_every and out.checkpoint_path is None:
             raise ValidationError("checkpoint_every is set but checkpoint_path is not")
         if out.resume and out.checkpoint_path is None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.inputs import Inputs, call_module
+from symerge.devices import full_precision, module_on
 from symerge.errors import ValidationError
 from symerge.taskvectors import TaskVectors
 
@@ -75,7 +76,10 @@ class MergedEncoder(nn.Module):
         unknown = [k for k in task_vectors.keys if k not in own]
         if unknown:
             raise ValidationError(f"task vector tensor '{unknown[0]}' is not a parameter or buffer of the encoder")
-        self.encoder = encoder
+        # A structural copy: moving this module to a device (or freezing it) never touches the caller's encoder;
+        # `architecture` keeps the caller's module (unregistered, so it never moves) for results.
+        self.encoder = module_on(encoder)
+        object.__setattr__(self, "architecture", encoder)
         self.tasks = list(task_vectors.tasks)
         self.keys = task_vectors.keys
         self.granularity = granularity
@@ -91,7 +95,7 @@ class MergedEncoder(nn.Module):
         # λ lives in float32 (float64 for a float64 model, so gradient checks are exact), even under bf16 storage.
         dtype = torch.promote_types(next(iter(task_vectors.pretrained.values())).dtype, torch.float32)
         self.lambdas = nn.Parameter(self.initial_lambdas(init).to(dtype), requires_grad=trainable)
-        for p in encoder.parameters():
+        for p in self.encoder.parameters():
             p.requires_grad_(False)
 
     def initial_lambdas(self, init: float | Tensor | None) -> Tensor:
@@ -116,22 +120,23 @@ class MergedEncoder(nn.Module):
 
     def params(self) -> dict[str, Tensor]:
         """Merged encoder weights θ_pre + Σ_k λ_k τ_k per merged tensor (differentiable w.r.t. λ)."""
-        lam = self.coefficients()
-        merged: dict[str, Tensor] = {}
-        for i, key in enumerate(self.keys):
-            pre: Tensor = getattr(self, f"pre_{i}")
-            tau: Tensor = getattr(self, f"tau_{i}")
-            delta = lam[i].to(pre.dtype) @ tau.to(pre.dtype)
-            merged[key] = pre + delta.view(self.shapes[key])
+        with full_precision(self.lambdas.device):  # θ stays fp32 under autocast; the encoder's matmuls may not
+            lam = self.coefficients()
+            merged: dict[str, Tensor] = {}
+            for i, key in enumerate(self.keys):
+                pre: Tensor = getattr(self, f"pre_{i}")
+                tau: Tensor = getattr(self, f"tau_{i}")
+                delta = lam[i].to(pre.dtype) @ tau.to(pre.dtype)
+                merged[key] = pre + delta.view(self.shapes[key])
         return merged
 
     def merged_state(self) -> dict[str, Tensor]:
-        """A plain (detached) state dict of the whole encoder with λ applied, in the encoder's dtypes."""
+        """A plain (detached) CPU state dict of the whole encoder with λ applied, in the encoder's dtypes."""
         with torch.no_grad():
             merged = self.params()
-            state = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}
             for key, value in merged.items():
-                state[key] = value.to(state[key].dtype)
+                state[key] = value.to("cpu", state[key].dtype)
         return state
 
     def forward(self, inputs: Inputs, overrides: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -148,8 +153,9 @@ class MergedEncoder(nn.Module):
     def scaled_params(self, weights: Tensor) -> dict[str, Tensor]:
         """θ_pre + Σ_k w_k τ_k for a fixed weight vector `weights` [K] (e.g. one task vector scaled)."""
         merged: dict[str, Tensor] = {}
-        for i, key in enumerate(self.keys):
-            pre: Tensor = getattr(self, f"pre_{i}")
-            tau: Tensor = getattr(self, f"tau_{i}")
-            merged[key] = pre + (weights.to(pre.device, pre.dtype) @ tau.to(pre.dtype)).view(self.shapes[key])
+        with full_precision(self.lambdas.device):
+            for i, key in enumerate(self.keys):
+                pre: Tensor = getattr(self, f"pre_{i}")
+                tau: Tensor = getattr(self, f"tau_{i}")
+                merged[key] = pre + (weights.to(pre.device, pre.dtype) @ tau.to(pre.dtype)).view(self.shapes[key])
         return merged

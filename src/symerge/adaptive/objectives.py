@@ -9,6 +9,9 @@
 - `self_label_loss`: CE to the expert's hard label (or KL to its soft prediction) over the kept samples; returns
   None when nothing is kept, so the caller makes no update (instead of the official code's NaN).
 - `l1_loss`: L1 to the expert output (regression / dense maps / Surgery features).
+
+Both arguments of every objective must be on one device: the caller moves the cached expert batch
+(`ExpertCache.batch`), so a device bug fails here instead of being hidden by an implicit copy.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def self_label_loss(
     if not bool(keep.any()):
         return None
     merged = move_class_last(merged_logits.float())[keep]
-    expert = move_class_last(expert_logits.float().to(merged.device))[keep]
+    expert = move_class_last(expert_logits.float())[keep]
     if labels == "hard":
         return F.cross_entropy(merged, expert.argmax(dim=-1))
     log_p = F.log_softmax(merged / temperature, dim=-1)
@@ -62,7 +65,7 @@ def self_label_loss(
 
 def l1_loss(merged_output: Tensor, expert_output: Tensor) -> Tensor:
     """Mean absolute error to the expert's output."""
-    return (merged_output.float() - expert_output.float().to(merged_output.device)).abs().mean()
+    return (merged_output.float() - expert_output.float()).abs().mean()
 
 
 def move_class_last(logits: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ class Surgery(AdaptiveMethod):
         self.surgery = nn.ModuleDict({self.slot(t): SurgeryAdapter(feature_dim, rank) for t in self.tasks})
         self.frozen_features: dict[str, Tensor] = {}
 
-    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str) -> None:
+    def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str | torch.device) -> None:
         """λ is fixed, so the merged encoder's features never change: compute them once, train adapters on them."""
         self.merged.encoder.eval()
         with torch.no_grad():
@@ -60,8 +60,9 @@ class Surgery(AdaptiveMethod):
         return self.surgery[self.slot(task)](super().task_features(task, inputs))
 
     def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
-        merged = self.frozen_features[task][index].to(self.merged.lambdas.device)
-        return l1_loss(self.surgery[self.slot(task)](merged), cache.features[task][index])
+        device = self.merged.lambdas.device
+        merged = self.frozen_features[task][index].to(device, non_blocking=True)
+        return l1_loss(self.surgery[self.slot(task)](merged), cache.batch("features", task, index, device))
 
     def adapters(self) -> dict[str, nn.Module]:
         return {t: self.surgery[self.slot(t)] for t in self.tasks}

@@ -83,7 +83,7 @@ class SyMerge(AdaptiveMethod):
 
     def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
         output = self.task_output(task, inputs)
-        target = cache.outputs[task][index]
+        target = cache.batch("outputs", task, index, output.device)
         if self.task_kinds[task] == "regression":
             return l1_loss(output, target)
         return self_label_loss(output, target, self.filter_rule, self.labels, self.temperature)

@@ -3,26 +3,34 @@
 Per iteration the tasks are visited in a seeded random order; for each task one batch of its unlabeled inputs,
 the loss, and — in the default "sequential" mode — an immediate optimizer step with one shared Adam state.
 "summed" accumulates every task's gradient (backward per task, so still one graph at a time) and steps once.
-A non-finite loss or gradient skips the step with a warning. Checkpoints are written atomically.
+A non-finite loss or gradient skips the step with a warning. Checkpoints are written atomically, hold CPU tensors
+only, carry the run's fingerprint (`fingerprint.py`) and are resumed once, when the trainer is built.
+Under `precision` bf16 / fp16 the task losses run in autocast (fp16 with a GradScaler); λ, the task-specific
+layers and the optimizer state stay fp32.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import time
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.atomic import atomic_save
 from symerge.adaptive.config import TrainerConfig
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.adaptive.fingerprint import differences
 from symerge.adaptive.sampling import make_samplers, task_order
+from symerge.devices import autocast, grad_scaler
 from symerge.errors import ValidationError
 
 StepCallback = Callable[[int, str, "Tensor | None"], None]
@@ -36,7 +44,7 @@ class Trainer:
     """Runs an `AdaptiveMethod` over cached expert outputs."""
 
     def __init__(self, method: AdaptiveMethod, inputs: dict[str, Inputs], cache: ExpertCache, config: TrainerConfig,
-                 method_options: dict[str, Any] | None = None):
+                 method_options: dict[str, Any] | None = None, fingerprint: dict[str, Any] | None = None):
         for task in method.tasks:
             if task not in inputs:
                 raise ValidationError(f"no adaptation inputs for task '{task}'")
@@ -45,10 +53,13 @@ class Trainer:
         self.method = method
         self.method_options = dict(method_options or {})  # recorded in the result's provenance
         self.inputs = inputs
+        self.fingerprint = dict(fingerprint or {})
         start = time.perf_counter()
-        method.prepare(inputs, config.expert_batch_size, config.device)
+        with autocast(config.device, config.precision):
+            method.prepare(inputs, config.expert_batch_size, config.device)
         self.cache = cache
         self.config = config
+        self.scaler = grad_scaler(config.device, config.precision)
         self.optimizer = torch.optim.Adam(method.param_groups(config.lr, config.layer_lr), betas=(0.9, 0.999))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.samplers = make_samplers(config.seed, [inputs[t] for t in method.tasks], config.batch_size)
@@ -56,22 +67,30 @@ class Trainer:
         self.start_step = 0
         self.skipped_steps = 0
         self.seconds = time.perf_counter() - start  # adaptation wall time (prepare + loop), evaluation excluded
+        self.resumed_from: int | None = None
+        path = config.checkpoint_path
+        if config.resume and path is not None and Path(path).exists():
+            self.load_checkpoint(Path(path))  # once, here: later run() calls continue, they never rewind
+            self.resumed_from = self.start_step
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state(self, step: int) -> dict[str, Any]:
-        return {
+        """Everything needed to continue, as CPU tensors (readable on a machine without the training device)."""
+        state = {
             "step": step, "method": self.method.name, "tasks": self.method.tasks,
             "method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "history": self.history, "skipped_steps": self.skipped_steps, "torch_rng": torch.get_rng_state(),
-            "seed": self.config.seed,
+            "seed": self.config.seed, "fingerprint": self.fingerprint,
         }
+        return tree_map(lambda v: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v, state)
 
     def save_checkpoint(self, step: int) -> None:
         assert self.config.checkpoint_path is not None
         atomic_save(self.state(step), Path(self.config.checkpoint_path))
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         if state["method"] != self.method.name or state["tasks"] != self.method.tasks:
             raise ValidationError(
                 f"checkpoint '{path}' is for method '{state['method']}' on tasks {state['tasks']}, "
@@ -79,8 +98,17 @@ class Trainer:
             )
         if state["seed"] != self.config.seed:
             raise ValidationError(f"checkpoint '{path}' was made with seed {state['seed']}, not {self.config.seed}")
+        changed = differences(state.get("fingerprint") or {}, self.fingerprint)
+        if changed:
+            raise ValidationError(
+                f"checkpoint '{path}' was made by a different run; refusing to resume it. What differs "
+                f"(checkpoint → now): {'; '.join(changed[:8])}{' …' if len(changed) > 8 else ''}. "
+                "Restore those settings, or delete the checkpoint to start over."
+            )
         self.method.load_state_dict(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
         self.skipped_steps = int(state["skipped_steps"])
         torch.set_rng_state(state["torch_rng"])
@@ -93,12 +121,13 @@ class Trainer:
         task_index = self.method.tasks.index(task)
         index = self.samplers[task_index].batch(step)
         batch = take(self.inputs[task], index, cfg.device)
-        loss = self.method.task_loss(task, batch, index, self.cache)
+        with autocast(cfg.device, cfg.precision):
+            loss = self.method.task_loss(task, batch, index, self.cache)
         value: float | None = None
         if loss is not None:
             value = float(loss.detach())
             if math.isfinite(value):
-                loss.backward()
+                self.scaler.scale(loss).backward()
             else:
                 warnings.warn(f"step {step}, task '{task}': non-finite loss {value}; update skipped", stacklevel=2)
                 value = None
@@ -108,9 +137,18 @@ class Trainer:
         return value
 
     def apply_update(self, step: int, what: str) -> bool:
-        """Optimizer step if the accumulated gradients are finite; always clears gradients."""
+        """Optimizer step if the accumulated gradients are finite; always clears gradients.
+
+        Under fp16 the gradients are unscaled first; an overflow then only lowers the loss scale (no warning).
+        """
+        scaled = self.scaler.is_enabled()
+        if scaled:
+            self.scaler.unscale_(self.optimizer)
         ok = grads_finite(self.params)
-        if ok:
+        if scaled:
+            self.scaler.step(self.optimizer)  # skips the step itself when a gradient overflowed
+            self.scaler.update()
+        elif ok:
             self.optimizer.step()
         else:
             warnings.warn(f"step {step} ({what}): non-finite gradient; update skipped", stacklevel=2)
@@ -122,8 +160,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if cfg.resume and cfg.checkpoint_path is not None and Path(cfg.checkpoint_path).exists():
-            self.load_checkpoint(Path(cfg.checkpoint_path))
         end = cfg.steps if stop_after is None else min(cfg.steps, self.start_step + stop_after)
         self.method.train()
         self.method.merged.encoder.eval()  # no dropout / BN updates in the shared encoder
@@ -153,3 +189,16 @@ class Trainer:
         self.start_step = end
         self.seconds += time.perf_counter() - start_time
         return self.history
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's state (tensors only, never arbitrary objects), or one clear error if it is damaged."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValidationError(f"checkpoint '{path}' cannot be read (truncated or corrupt: {reason[:160]}); "
+                              "delete it to start over") from None
+    if not isinstance(state, dict) or "method_state" not in state:
+        raise ValidationError(f"checkpoint '{path}' is not a symerge adaptation checkpoint")
+    return state

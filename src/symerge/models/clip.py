@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,11 +98,14 @@ def save_head(head: nn.Linear, path: PathLike, metadata: Mapping[str, str] | Non
     """A head as safetensors ('weight', 'bias'; metadata 'normalize')."""
     from safetensors.torch import save_file
 
+    from symerge.atomic import share_modes
+
     meta = {"symerge": "head", "normalize": str(bool(getattr(head, "normalize", False))).lower(), **dict(metadata or {})}
     tensors = {"weight": head.weight.detach().contiguous().clone()}
     if head.bias is not None:
         tensors["bias"] = head.bias.detach().contiguous().clone()
     save_file(tensors, str(path), metadata=meta)
+    share_modes(Path(path))  # safetensors writes 0600; give the file the modes of a plain write
 
 
 def load_head(path: PathLike) -> ClassificationHead:
@@ -522,15 +524,10 @@ def zero_shot_head(
     weight = per_class / per_class.norm(dim=-1, keepdim=True) * model.logit_scale.detach().float().exp().cpu()
     head = _plain_linear(weight, torch.zeros(weight.shape[0]))
     if cache:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=root)
-        os.close(fd)
-        try:
+        from symerge.atomic import atomic_file
+
+        with atomic_file(file) as tmp:
             save_head(head, tmp, {"classes": json.dumps(list(class_names)), "templates": str(len(templates))})
-            os.replace(tmp, file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return head
 
 

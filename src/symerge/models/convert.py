@@ -20,8 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from symerge.atomic import atomic_directory, prepare_output_dir
 from symerge.errors import ValidationError
 from symerge.models.safe_pickle import InertObject, extract_state_dict, is_module, module_classes, safe_load
 
 FORMAT = "symerge.convert/1"
+MANIFEST = "convert.json"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -206,24 +206,44 @@ def convert_task_vectors_dir(src_dir: str | os.PathLike, out_dir: str | os.PathL
     src_resolved, out_resolved = src.resolve(), out.resolve()
     if out_resolved == src_resolved or out_resolved in src_resolved.parents:
         raise ValidationError(f"output dir '{out}' would replace the source dir '{src}'")
-    if out.exists() and not out.is_dir():
-        raise ValidationError(f"output path '{out}' exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValidationError(f"output dir '{out}' exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
+    prepare_output_dir(out, overwrite, (MANIFEST,))
+    with atomic_directory(out, replace=overwrite, manifests=(MANIFEST,)) as tmp:
         manifest = _convert_into(found, src, tmp)
         manifest["outputs_sha256"] = {name: info["sha256"] for name, info in manifest["files"].items() if "sha256" in info}
-        (tmp / "convert.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
+
+
+def read_convert_manifest(directory: Path) -> dict[str, Any] | None:
+    """The convert.json of a `symerge convert` output dir, or None when `directory` is not one."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValidationError(f"'{path}' is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValidationError(f"'{path}' is not a `symerge convert` manifest (format {FORMAT!r})")
+    return manifest
+
+
+def converted_task(root: Path, manifest: Mapping[str, Any], path: Path) -> str | None:
+    """The converted task an expert path names: `<root>/<Task>` or `<root>/<Task>/finetuned.safetensors`, where the
+    task has both a finetuned model and a head; None otherwise."""
+    target = Path(path).resolve()
+    for task, rel in manifest.get("experts", {}).items():
+        if task in manifest.get("heads", {}) and target in ((root / task).resolve(), (root / rel).resolve()):
+            return task
+    return None
+
+
+def merge_hint(out: Path, manifest: Mapping[str, Any]) -> str:
+    """How to feed this output to `symerge merge` (convert's last printed line)."""
+    tasks = [t for t in manifest.get("experts", {}) if t in manifest.get("heads", {})]
+    experts = ", ".join(f"{t}: {out / t}" for t in tasks) or "<Task>: <dir>/<Task>"
+    return (f"merge it: symerge merge CONFIG.yaml with model: {{family: clip, pretrained: {out}, experts: {{{experts}}}}}"
+            " (see README, 'Merging your own checkpoints')")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -238,6 +258,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     if manifest["ignored"]:
         print(f"  ignored: {', '.join(manifest['ignored'])}")
+    print(merge_hint(Path(args.out_dir), manifest))
     return 0
 
 

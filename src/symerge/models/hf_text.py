@@ -227,10 +227,39 @@ def resolve_source(source: str | Path, owner: str) -> str:
         for file in path.glob("*.safetensors"):
             check_safetensors_file(file, owner)
         return str(path)
-    looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or not HUB_ID.match(text)
-    if looks_local:
+    if looks_like_path(text):
         raise ValidationError(f"{owner}: '{text}' does not exist")
-    return text  # a hub id: from_pretrained resolves it (online) or fails with its own message
+    return hub_source(text, owner)
+
+
+def looks_like_path(text: str) -> bool:
+    """A value that names a file-system location, never a hub id: starts with '/', '.' or '~', has a parent
+    directory that exists, or is not of the hub's `name` / `org/name` form."""
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or not HUB_ID.match(text):
+        return True
+    parent = Path(text).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def hub_source(repo_id: str, owner: str) -> str:
+    """A hub id, asked about ONCE (from_pretrained retries each file with back-off: 20-40 s offline).
+
+    Offline mode: left to from_pretrained (the cache answers at once). Online: one metadata request for its
+    config.json; if that fails, a cached snapshot is used as a local directory, else a clear error.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return repo_id
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=10)
+        return repo_id
+    except Exception as err:  # noqa: BLE001 - network, 401/404: all mean "not usable as a hub id now"
+        cached = try_to_load_from_cache(repo_id, "config.json")
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+        raise ValidationError(f"{owner}: '{repo_id}' is not a local path, and the Hugging Face hub has no model "
+                              f"'{repo_id}' or cannot be reached ({type(err).__name__}: {err})") from None
 
 
 def read_config(source: str, owner: str) -> Any:
@@ -246,30 +275,56 @@ def read_config(source: str, owner: str) -> Any:
 
 
 def load_classifier(source: str, owner: str, cls: type | None = None, config: Any = None,
-                    allow_missing_head: bool = False) -> nn.Module:
-    """Load a supported sequence classifier; refuse missing tensors (they would silently be random)."""
+                    allow_missing_head: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a supported sequence classifier; refuse missing, unexpected or mis-shaped tensors (they would silently
+    be random or dropped). `dtype`: cast every tensor to it (None: keep the stored dtype)."""
     from transformers import AutoModelForSequenceClassification
 
     loader = cls if cls is not None else AutoModelForSequenceClassification
     kwargs = {"config": config} if config is not None else {}
+    kwargs["dtype"] = dtype if dtype is not None else "auto"
     try:
         with quiet_transformers():
             model, info = loader.from_pretrained(source, output_loading_info=True, **kwargs)
     except ValidationError:
         raise
     except Exception as err:  # noqa: BLE001
+        if "ignore_mismatched_sizes" in str(err):
+            raise shape_mismatch_error(loader, source, owner, kwargs) from None
         raise ValidationError(f"{owner}: cannot load '{source}': {type(err).__name__}: {err}") from None
     head_spec(type(model).__name__)
     prefix = model.base_model_prefix + "."
     missing = sorted(info.get("missing_keys", []))
-    if allow_missing_head:
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if allow_missing_head:  # a base model / other-task checkpoint: only its base-model tensors matter
         missing = [k for k in missing if k.startswith(prefix)]
-    if missing:
-        raise ValidationError(
-            f"{owner}: '{source}' lacks tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + f" of {type(model).__name__}; it would be randomly initialised"
-        )
+        unexpected = [k for k in unexpected if k.startswith(prefix)]
+    for keys, why in ((missing, "lacks tensor"), (unexpected, "holds unexpected tensor")):
+        if keys:
+            raise ValidationError(
+                f"{owner}: '{source}' {why} '{keys[0]}'" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+                + f" for {type(model).__name__}; " + ("it would be randomly initialised" if keys is missing else
+                                                       "transformers would silently drop it")
+            )
     return model.eval()
+
+
+def shape_mismatch_error(loader: Any, source: str, owner: str, kwargs: dict[str, Any]) -> ValidationError:
+    """transformers logs the mismatched tensors in a report we silence, then says 'see the above report': load
+    again, tolerating the mismatch, to name them."""
+    try:
+        with quiet_transformers():
+            _, info = loader.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        mismatched = sorted(info.get("mismatched_keys", []))
+    except Exception:  # noqa: BLE001 - the first failure is reported either way
+        mismatched = []
+    if not mismatched:
+        return ValidationError(f"{owner}: '{source}': tensor shapes do not match its config.json")
+    shown = "; ".join(f"'{key}' has shape {tuple(stored)}, config implies {tuple(expected)}"
+                      for key, stored, expected in mismatched[:4])
+    more = f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else ""
+    return ValidationError(f"{owner}: '{source}': tensor shapes disagree with its config.json (e.g. num_labels / "
+                           f"id2label, hidden size): {shown}{more}")
 
 
 def class_names_from_config(config: Any) -> list[str]:
@@ -332,12 +387,14 @@ def load_tokenizer(sources: Sequence[str]) -> Any:
     return None
 
 
-def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str | Path]) -> TextClassifierPool:
+def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str | Path], dtype: torch.dtype | None = None,
+                              progress: bool = False) -> TextClassifierPool:
     """Pool of K `AutoModelForSequenceClassification` experts fine-tuned from `pretrained`.
 
     `pretrained` may be a base model (AutoModel) or a classifier of the same architecture; local directory or hub
     id. Experts may have different `num_labels`. Everything is validated before it is returned: the experts'
     architecture, the base-model tensors (same keys / shapes / dtypes as the pretrained, finite) and head widths.
+    `dtype`: cast every checkpoint to it (None: as stored, and then they must agree).
     """
     if not isinstance(experts, Mapping):
         raise ValidationError(f"experts must be a dict task -> checkpoint, got {type(experts).__name__}")
@@ -347,8 +404,10 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
     pre_source = resolve_source(pretrained, "pretrained")
     sources = {t: resolve_source(experts[t], f"expert '{t}'") for t in tasks}
 
+    from tqdm.auto import tqdm
+
     models: dict[str, nn.Module] = {}
-    for task in tasks:
+    for task in tqdm(tasks, desc="load experts", unit="model", disable=not progress):
         owner = f"expert '{task}'"
         config = read_config(sources[task], owner)
         declared = list(getattr(config, "architectures", None) or [])
@@ -357,7 +416,7 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
                                   f"(supported: {supported_architectures()})")
         if declared and declared[0] not in ARCHITECTURES:
             head_spec(declared[0])  # raises, naming the architecture
-        models[task] = load_classifier(sources[task], owner)
+        models[task] = load_classifier(sources[task], owner, dtype=dtype)
     first = tasks[0]
     architecture = type(models[first]).__name__
     for task in tasks[1:]:
@@ -371,7 +430,8 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
     if pre_config.model_type != models[first].config.model_type:
         raise ValidationError(f"pretrained '{pre_source}' is a '{pre_config.model_type}' model, but the experts are "
                               f"'{models[first].config.model_type}' ({architecture})")
-    pretrained_model = load_classifier(pre_source, "pretrained", cls=cls, config=pre_config, allow_missing_head=True)
+    pretrained_model = load_classifier(pre_source, "pretrained", cls=cls, config=pre_config, allow_missing_head=True,
+                                       dtype=dtype)
     encoder, _ = split_classifier(pretrained_model)
     heads: dict[str, SequenceClassificationHead] = {}
     expert_encoders: dict[str, dict[str, Tensor]] = {}

@@ -11,6 +11,8 @@ from symerge.atomic import atomic_directory
 from symerge.evaluation.metrics import mean, normalized
 from symerge.suites.runner import Benchmark, MethodOutcome
 
+REPORT_FILES = ("report.json", "report.md")  # what marks a dir as a suite report that `--overwrite` may replace
+
 
 def method_entry(outcome: MethodOutcome, reference: Mapping[str, float], metrics_per_task: bool = False) -> dict[str, Any]:
     """One method's report entry. `metrics_per_task` (dense suite): `per_task` holds every metric of each task,
@@ -71,7 +73,7 @@ def write_report(report: Mapping[str, Any], outcomes: Mapping[str, MethodOutcome
     from symerge.report.markdown import render_markdown
     from symerge.report.plots import make_plots
 
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), manifests=REPORT_FILES) as tmp:
         plots = make_plots(report, tmp)
         for title, (name, draw) in (figures or {}).items():
             draw(tmp / name)

@@ -17,15 +17,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
+from symerge.devices import RunsOn
 from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
-from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, TaskData
+from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, TaskData, known_names
 
 TASKS = ["segmentation", "depth", "normals"]
 DEFAULT_METHODS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties", "surgery", "symerge"]
@@ -46,16 +47,19 @@ def default_adapt(steps: int = 800, curve: Sequence[int] = (100, 200, 400, 800))
                          method_options={"symerge": {"labels": "soft"}})
 
 
-class DenseSuiteConfig(BaseModel):
+def dense_task_names() -> list[str]:
+    return list(TASKS)
+
+
+class DenseSuiteConfig(RunsOn):
     """Everything that defines a dense-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    tasks: Annotated[list[str], known_names("dense task", dense_task_names)] = Field(default_factory=lambda: list(TASKS))
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     protocol: Literal["held-out", "transductive"] = "held-out"
     seed: int = 0
-    device: str = "cpu"
     n_train: int = 1200
     n_adapt: int = 2400
     n_val: int = 40
@@ -212,7 +216,7 @@ def run_dense_suite(
     log(f"dense suite: tasks {cfg.tasks}, protocol {cfg.protocol}, {model_name}; scenes ready in {data_seconds:.0f}s")
     bench, info = build_dense_benchmark(cfg, encoder, splits, cache_root() / "experts" / "dense", log, progress)
     outcomes = run_methods(bench, cfg.methods, cfg.protocol,
-                           cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device}),
+                           cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
                            progress=progress, log=log)
     figure = prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device)
     report = build_report("dense", cfg.protocol, cfg.seed, bench, outcomes, {}, config=cfg.model_dump(mode="json"),

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -20,6 +20,7 @@ from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.finish import finish
 from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
+from symerge.devices import DeviceName, Precision
 from symerge.errors import ValidationError
 from symerge.evaluation.metrics import TaskScore, classification_score, mean, normalized
 from symerge.merging import available_methods, merge_delta
@@ -83,7 +84,8 @@ class AdaptSettings(BaseModel):
     lr: float = 1e-2
     layer_lr: float = 1e-2
     seed: int = 0
-    device: str = "cpu"
+    device: DeviceName = "cpu"
+    precision: Precision = "fp32"
     curve: list[int] = Field(default_factory=lambda: [25, 50, 100, 200])
     per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -91,7 +93,8 @@ class AdaptSettings(BaseModel):
 
     def trainer_config(self, method: str, progress: bool) -> TrainerConfig:
         base = {"regime": self.regime, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                "layer_lr": self.layer_lr, "seed": self.seed, "device": self.device, "progress": progress}
+                "layer_lr": self.layer_lr, "seed": self.seed, "device": self.device, "precision": self.precision,
+                "progress": progress}
         return TrainerConfig(**{**base, **self.per_method.get(method, {})})
 
 
@@ -200,10 +203,12 @@ def adaptive_result(
     return post(finish(trainer)), curve, scores
 
 
-def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], device: str, progress: bool) -> ExpertCache:
+def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], settings: AdaptSettings,
+                     progress: bool) -> ExpertCache:
     """Experts run ONCE over the adaptation inputs; every adaptive method reuses these outputs."""
-    merged = MergedEncoder(bench.encoder, tv).to(device)
-    return compute_expert_cache(merged, {t: h.to(device) for t, h in bench.heads.items()}, dict(adapt_inputs), 64, device, progress)
+    merged = MergedEncoder(bench.encoder, tv).to(settings.device)
+    return compute_expert_cache(merged, dict(bench.heads), dict(adapt_inputs), 64, settings.device, progress,
+                                settings.precision)
 
 
 # --- the whole run ------------------------------------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def run_methods(
         with track() as meter:
             if name in ADAPTIVE:
                 if cache is None:
-                    cache = expert_cache_for(bench, tv, adapt_inputs, device, progress)
+                    cache = expert_cache_for(bench, tv, adapt_inputs, settings, progress)
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
                         f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
                 result, curve, scores = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
@@ -263,3 +268,19 @@ def run_methods(
         log(f"{name:>22s}: average {mean(accs):.4f}  ({seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")
     return {name: outcomes[name] for name in methods if name in outcomes} | (
         {"individual": outcomes["individual"]} if "individual" not in methods else {})
+
+
+def known_names(kind: str, known: Callable[[], Sequence[str]]) -> AfterValidator:
+    """A pydantic check that every name of a list is one of `known()` (looked up only when validating), no repeats."""
+
+    def check(names: list[str]) -> list[str]:
+        valid = list(known())
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise ValueError(f"unknown {kind} '{unknown[0]}'; known: {', '.join(valid)}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{kind} '{repeated[0]}' given twice")
+        return names
+
+    return AfterValidator(check)

@@ -12,13 +12,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from symerge.devices import RunsOn
 from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
-from symerge.suites.runner import AdaptSettings, Benchmark, TaskData
+from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
 # The demo's default list (issue 7); every other registered static method runs by name (`--methods`) or with
 # `--methods all`.
@@ -29,16 +30,21 @@ DEFAULT_METHODS = [
 QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
 
 
-class TextSuiteConfig(BaseModel):
+def text_task_names() -> list[str]:
+    from symerge.data.text_tasks import TEXT_TASKS
+
+    return list(TEXT_TASKS)
+
+
+class TextSuiteConfig(RunsOn):
     """Everything that defines a text-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=list, description="task names; empty = the 8 defaults")
+    tasks: Annotated[list[str], known_names("text task", text_task_names)] = Field(default_factory=list, description="task names; empty = the 8 defaults")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     protocol: Literal["held-out", "transductive"] = "held-out"
     seed: int = 0
-    device: str = "cpu"
     max_test: int = 400
     max_adapt: int = 600
     max_train: int = 2000
@@ -148,7 +154,7 @@ def run_text_suite(
     task_list = list(tasks) if tasks is not None else load_default_tasks(cfg.tasks)
     log(f"text suite: {len(task_list)} tasks, protocol {cfg.protocol}, model {model_dir}")
     bench, info = build_text_benchmark(cfg, model_dir, task_list, cache_root() / "experts" / "text", log, progress)
-    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device}),
+    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
                            progress=progress, log=log)
     diagnostics = run_diagnostics(bench, outcomes, cfg.cross_task_samples, cfg.device, progress)
     report = build_report("text", cfg.protocol, cfg.seed, bench, outcomes, diagnostics,

@@ -19,15 +19,16 @@ import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
+from symerge.devices import RunsOn
 from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
-from symerge.suites.runner import AdaptSettings, Benchmark, TaskData
+from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
 DEFAULT_METHODS = [
     "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
@@ -53,16 +54,21 @@ def default_adapt(steps: int = 200, curve: Sequence[int] = (25, 50, 100, 200)) -
                          per_method=copy.deepcopy(ADAMERGING_LR))
 
 
-class VisionSuiteConfig(BaseModel):
+def image_task_names() -> list[str]:
+    from symerge.data.image_tasks import IMAGE_TASKS
+
+    return list(IMAGE_TASKS)
+
+
+class VisionSuiteConfig(RunsOn):
     """Everything that defines a vision-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=list, description="task names; empty = the 6 defaults")
+    tasks: Annotated[list[str], known_names("image task", image_task_names)] = Field(default_factory=list, description="task names; empty = the 6 defaults")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     protocol: Literal["held-out", "transductive"] = "held-out"
     seed: int = 0
-    device: str = "cpu"
     max_test: int = 400
     max_adapt: int = 600
     max_train: int = 1500
@@ -257,7 +263,7 @@ def run_vision_suite(
     if cfg.bn_reestimate:
         inputs = {t: (d.adapt if cfg.protocol == "held-out" else d.test) for t, d in bench.tasks.items()}
         post_merge = batchnorm_reestimator(bench, inputs, cfg.bn_samples_per_task, cfg.device, cfg.seed)
-    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device}),
+    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
                            progress=progress, log=log, post_merge=post_merge)
     diagnostics = run_diagnostics(bench, outcomes, cfg.cross_task_samples, cfg.device, progress)
     report = build_report("vision", cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
