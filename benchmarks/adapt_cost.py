@@ -4,7 +4,9 @@ Model: a randomly initialised BERT with MiniLM-L6's shape (6 layers, hidden 384,
 token ids (length 48, batch 16 per task) — the shape of the text suite, without needing the packaged weights.
 Each K runs in a fresh subprocess so peak RSS is per configuration. Figures, not asserts.
 
-    python benchmarks/adapt_cost.py [--tasks 2,4,8] [--steps 5] [--threads 2]
+    python benchmarks/adapt_cost.py [--tasks 2,4,8] [--steps 5] [--threads 2] [--device cuda] [--precision bf16]
+
+On CUDA the table adds the peak GPU memory (`torch.cuda.max_memory_allocated`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import sys
 import time
 
 
-def measure(num_tasks: int, steps: int, threads: int, method: str) -> dict[str, float]:
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(num_tasks: int, steps: int, threads: int, method: str, device: str = "cpu",
+            precision: str = "fp32") -> dict[str, float]:
     import resource
 
     import torch
@@ -41,7 +51,8 @@ def measure(num_tasks: int, steps: int, threads: int, method: str) -> dict[str, 
               for t in experts}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trainer = build_trainer(method, encoder, heads, tv, inputs,
-                            config=TrainerConfig(regime="nlp", steps=steps + 1, batch_size=16, progress=False, lr=1e-2, layer_lr=1e-2))
+                            config=TrainerConfig(regime="nlp", steps=steps + 1, batch_size=16, progress=False, lr=1e-2,
+                                                 layer_lr=1e-2, device=device, precision=precision))
     expert_seconds = trainer.cache.seconds
     trainer.run(stop_after=1)  # warm-up iteration
     merged = trainer.method.merged
@@ -55,14 +66,17 @@ def measure(num_tasks: int, steps: int, threads: int, method: str) -> dict[str, 
         return out
 
     merged.params = timed_params  # type: ignore[method-assign]
+    synchronize(device)
     start = time.perf_counter()
     trainer.run(stop_after=steps)
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {
         "K": num_tasks, "expert_pass_s": expert_seconds, "expert_runs_per_sample": max(trainer.cache.runs_per_sample().values()),
         "iteration_s": seconds / steps, "task_step_s": seconds / (steps * num_tasks),
         "merge_build_share": sum(build_times) / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mb": rss0, "task_vector_mb": sum(v.numel() * v.element_size() for v in tv.vectors.values()) / 2**20,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan"),
     }
 
 
@@ -72,23 +86,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="symerge")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.threads, args.method)))
+        print(json.dumps(measure(args.child, args.steps, args.threads, args.method, args.device, args.precision)))
         return
     rows = []
     for k in [int(x) for x in args.tasks.split(",")]:
         out = subprocess.run([sys.executable, __file__, "--child", str(k), "--steps", str(args.steps), "--threads",
-                              str(args.threads), "--method", args.method], capture_output=True, text=True, check=True)
+                              str(args.threads), "--method", args.method, "--device", args.device,
+                              "--precision", args.precision], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{args.method}, MiniLM-shaped BERT (22.7 M params, τ over 11 M non-embedding params), batch 16/task, "
-          f"len 48, {args.threads} thread(s), {args.steps} timed iterations")
-    print("| K | expert pass (s) | expert runs / sample | s / iteration | s / task step | merge-build share | τ storage (MB) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"len 48, {args.threads} thread(s), {args.steps} timed iterations, {args.device} {args.precision}")
+    print("| K | expert pass (s) | expert runs / sample | s / iteration | s / task step | merge-build share | τ storage (MB) "
+          "| peak RSS (MB) | peak GPU (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['K']} | {r['expert_pass_s']:.1f} | {r['expert_runs_per_sample']:.0f} | {r['iteration_s']:.2f} | "
-              f"{r['task_step_s']:.3f} | {100 * r['merge_build_share']:.1f}% | {r['task_vector_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(f"| {r['K']} | {r['expert_pass_s']:.1f} | {r['expert_runs_per_sample']:.2f} | {r['iteration_s']:.2f} | "
+              f"{r['task_step_s']:.3f} | {100 * r['merge_build_share']:.1f}% | {r['task_vector_mb']:.0f} | {r['peak_rss_mb']:.0f} "
+              f"| {r['peak_gpu_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ values equal the plain CPU run.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -162,3 +164,56 @@ def test_bench_with_an_unavailable_device_exits_2_before_any_work(tmp_path, caps
         assert not (tmp_path / "run").exists()
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("symerge: error: --device:"), err
+
+
+def test_text_suite_on_a_second_device_equals_cpu(tmp_path, monkeypatch):
+    """Expert fine-tuning, the shared expert pass, static + adaptive methods, curves and diagnostics on the device."""
+    from test_text_suite import synthetic_task, tiny_bert_dir
+
+    from symerge.suites.runner import AdaptSettings
+    from symerge.suites.text import TextSuiteConfig, run_text_suite
+
+    model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
+    tasks = [synthetic_task("alpha", 3, 1, n=80), synthetic_task("beta", 2, 2, n=80)]
+    reports = {}
+    for name in ("device", "cpu"):
+        monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / f"cache-{name}"))
+        with logical_accelerator() if name == "device" else contextlib.nullcontext("cpu") as device:
+            cfg = TextSuiteConfig(
+                max_test=24, max_adapt=24, max_train=40, n_val=8, max_len=10, device=device,
+                expert={"steps": 4, "batch_size": 8, "lr": 1e-3, "head_lr": 1e-2}, freeze_word_embeddings=False,
+                adapt=AdaptSettings(steps=2, batch_size=8, curve=[1, 2]), cross_task_samples=8,
+                methods=["individual", "task_arithmetic_val", "adamerging", "surgery", "symerge"],
+            )
+            reports[name] = run_text_suite(cfg, tmp_path / name, model_dir=model_dir, tasks=tasks, progress=False,
+                                           log=lambda _: None)
+    for method in ("individual", "task_arithmetic_val", "adamerging", "surgery", "symerge"):
+        got, want = reports["device"]["methods"][method], reports["cpu"]["methods"][method]
+        assert got["per_task"] == pytest.approx(want["per_task"], abs=1e-6), method
+    for heads in ("original", "symerge"):
+        assert reports["device"]["cross_task"][heads] == reports["cpu"]["cross_task"][heads]
+    assert reports["device"]["config"]["device"] == "meta"
+
+
+def test_merge_command_and_load_predict_on_a_second_device(tmp_path):
+    import hf_tiny
+
+    import symerge
+    from symerge.pipeline import run_merge
+
+    labels = {"alpha": 2, "beta": 3}
+    pre, experts = hf_tiny.make_pool(tmp_path, "bert", labels)
+    adapt_files, eval_files = hf_tiny.write_data(tmp_path, labels)
+    config = {
+        "model": {"family": "hf_text", "pretrained": str(pre), "experts": {t: str(p) for t, p in experts.items()}},
+        "method": {"name": "symerge", "trainer": {"steps": 2, "batch_size": 4}},
+        "data": {"adapt": adapt_files, "eval": eval_files, "max_len": hf_tiny.MAX_LEN},
+    }
+    with logical_accelerator() as device:
+        result, out = run_merge({**config, "device": device, "output_dir": str(tmp_path / "dev")}, progress=False)
+        loaded = symerge.load(out)
+        batch = {"input_ids": torch.randint(5, 40, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+        on_device = loaded.predict("beta", batch, device=device)
+    reference, _ = run_merge({**config, "output_dir": str(tmp_path / "cpu")}, progress=False)
+    assert type(on_device) is torch.Tensor
+    torch.testing.assert_close(on_device, reference.predict("beta", batch), atol=1e-5, rtol=1e-5)

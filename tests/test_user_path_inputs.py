@@ -124,7 +124,15 @@ def test_shape_mismatch_names_the_tensor(bert, tmp_path):
     assert "(3, 32)" in message or "[3, 32]" in message
 
 
-def test_bench_unknown_task_is_a_clear_error(capsys, tmp_path):
+@pytest.fixture
+def no_suite_runs(monkeypatch):
+    """A bench command that got past its option checks fails the test at once instead of running a benchmark."""
+    for suite in ("text", "vision", "dense"):
+        monkeypatch.setattr(f"symerge.suites.{suite}.run_{suite}_suite",
+                            lambda *a, **k: pytest.fail("the suite ran despite a bad option"))
+
+
+def test_bench_unknown_task_is_a_clear_error(capsys, tmp_path, no_suite_runs):
     for suite in ("text", "vision", "dense"):
         assert main(["bench", suite, "--tasks", "nosuch", "--out", str(tmp_path / suite)]) == 2
         err = capsys.readouterr().err
@@ -132,7 +140,7 @@ def test_bench_unknown_task_is_a_clear_error(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--threads", "0"], ["--threads", "-2"]])
-def test_bench_threads_must_be_positive(capsys, args):
+def test_bench_threads_must_be_positive(capsys, args, no_suite_runs):
     with pytest.raises(SystemExit) as info:
         main(["bench", "text", *args])
     assert info.value.code == 2
@@ -193,7 +201,10 @@ def test_unreachable_hub_id_is_tried_once(bert, tmp_path, hub_online):
 
 
 # --- item 14: what `symerge merge` prints -------------------------------------------------------------------------
-def test_merge_prints_metrics_output_and_phase_times(bert, tmp_path, capsys):
+def test_merge_prints_metrics_output_and_phase_times(bert, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # progress bars are drawn on a terminal only
     cfg = base_config(bert, tmp_path / "out")
     cfg["data"]["eval"] = dict(bert["eval"])
     path = hf_tiny.write_config(tmp_path / "config.yaml", **cfg)

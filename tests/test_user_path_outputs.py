@@ -191,11 +191,19 @@ def test_unwritable_output_dir_fails_before_any_work(bert, tmp_path, capsys, no_
             locked.chmod(0o755)
 
 
-def test_probe_leaves_nothing_behind(tmp_path):
+def test_probe_leaves_nothing_behind_and_names_a_permission_error(tmp_path, monkeypatch):
+    import symerge.atomic
     from symerge.atomic import prepare_output_dir
 
     prepare_output_dir(tmp_path / "new" / "out", overwrite=False, manifests=("symerge.json",))
     assert list(tmp_path.iterdir()) == []  # neither the probe nor the parent dirs are left
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(symerge.atomic.tempfile, "mkdtemp", denied)  # what a read-only dir does (root ignores chmod)
+    with pytest.raises(ValidationError, match=r"cannot write output dir .*Permission denied"):
+        prepare_output_dir(tmp_path / "out", overwrite=False, manifests=("symerge.json",))
 
 
 # --- item 9: stale temp dirs of a killed write are removed on the next run -----------------------------------------

@@ -374,7 +374,8 @@ def evaluate(result: MergeResult, eval_data: Mapping[str, tuple[Inputs, Tensor]]
     if not eval_data:
         return None
     scores = {}
-    for task, (inputs, labels) in tqdm(eval_data.items(), desc="evaluate", unit="task", disable=not progress):
+    for task, (inputs, labels) in tqdm(eval_data.items(), desc="evaluate", unit="task",
+                                       disable=None if progress else True):  # None: only on a terminal
         logits = result.predict(task, inputs, batch_size=cfg.data.batch_size, device=cfg.device)
         scores[task] = accuracy(logits, labels)
     return {"accuracy": scores, "average_accuracy": sum(scores.values()) / len(scores),

@@ -407,7 +407,7 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
     from tqdm.auto import tqdm
 
     models: dict[str, nn.Module] = {}
-    for task in tqdm(tasks, desc="load experts", unit="model", disable=not progress):
+    for task in tqdm(tasks, desc="load experts", unit="model", disable=None if progress else True):  # None: TTY only
         owner = f"expert '{task}'"
         config = read_config(sources[task], owner)
         declared = list(getattr(config, "architectures", None) or [])
