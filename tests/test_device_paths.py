@@ -7,6 +7,8 @@ values equal the plain CPU run.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +219,56 @@ def test_merge_command_and_load_predict_on_a_second_device(tmp_path):
     reference, _ = run_merge({**config, "output_dir": str(tmp_path / "cpu")}, progress=False)
     assert type(on_device) is torch.Tensor
     torch.testing.assert_close(on_device, reference.predict("beta", batch), atol=1e-5, rtol=1e-5)
+
+
+def run_on_both(tmp_path, monkeypatch, run: Callable[[str, Path], dict]) -> dict[str, dict]:
+    """The same suite run on the logical accelerator and on the CPU (fresh expert caches each)."""
+    reports = {}
+    for name in ("device", "cpu"):
+        monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / f"cache-{name}"))
+        with logical_accelerator() if name == "device" else contextlib.nullcontext("cpu") as device:
+            reports[name] = run(device, tmp_path / name)
+    assert reports["device"]["config"]["device"] == "meta"
+    return reports
+
+
+def test_vision_suite_with_batchnorm_reestimation_on_a_second_device(tmp_path, monkeypatch):
+    from test_vision_suite import synthetic_image_task, tiny_config, tiny_pretrained_cnn
+
+    from symerge.suites.vision import run_vision_suite
+
+    tasks = [synthetic_image_task("alpha", 3, 1, n=60), synthetic_image_task("beta", 2, 2, n=60)]
+    methods = ["individual", "task_arithmetic", "adamerging", "surgery", "symerge"]
+
+    def run(device: str, out: Path) -> dict:
+        cfg = tiny_config(device=device, methods=methods, bn_reestimate=True)
+        return run_vision_suite(cfg, out, encoder=tiny_pretrained_cnn(), tasks=tasks, progress=False, log=lambda _: None)
+
+    reports = run_on_both(tmp_path, monkeypatch, run)
+    for method in methods:
+        assert reports["device"]["methods"][method]["per_task"] == pytest.approx(
+            reports["cpu"]["methods"][method]["per_task"], abs=1e-6), method
+
+
+def test_dense_suite_on_a_second_device(tmp_path, monkeypatch):
+    """Per-pixel soft labels (segmentation) and L1 (depth, normals) with decoders as the task layer."""
+    from test_dense_suite import TinyDenseEncoder, synthetic_sources
+
+    from symerge.suites.dense import DenseSuiteConfig, run_dense_suite
+    from symerge.suites.runner import AdaptSettings
+
+    methods = ["individual", "task_arithmetic", "adamerging", "surgery", "symerge"]
+
+    def run(device: str, out: Path) -> dict:
+        torch.manual_seed(0)
+        cfg = DenseSuiteConfig(n_train=16, n_adapt=8, n_val=4, n_test=8, figure_scenes=1, device=device, methods=methods,
+                               expert={"steps": 3, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2},
+                               adapt=AdaptSettings(regime="dense", steps=2, batch_size=4, lr=1e-2, layer_lr=1e-3,
+                                                   curve=[1, 2]))
+        return run_dense_suite(cfg, out, encoder=TinyDenseEncoder().eval(), sources=synthetic_sources(), progress=False,
+                               log=lambda _: None)
+
+    reports = run_on_both(tmp_path, monkeypatch, run)
+    for method in methods:
+        for task, metrics in reports["cpu"]["methods"][method]["per_task"].items():
+            assert reports["device"]["methods"][method]["per_task"][task] == pytest.approx(metrics, rel=1e-4, abs=1e-5)
