@@ -102,7 +102,8 @@ def test_confidence_filter_rules_on_hand_built_batch():
     assert confidence_keep_mask(merged, expert, "none").tolist() == [True, True, True, True]
     loss = self_label_loss(merged, expert, "code")
     expected = nn.functional.cross_entropy(merged[[0, 2, 3]], torch.tensor([0, 0, 0]))
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss.value, expected)
+    assert loss.units == 3
 
 
 def test_all_filtered_batch_gives_no_loss():

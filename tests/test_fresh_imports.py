@@ -22,8 +22,7 @@ DRIVER = r"""
 import json, os, sys
 import torch, transformers, pydantic, safetensors  # noqa: F401 - shared by every child (speed only)
 assert not [m for m in sys.modules if m == "symerge" or m.startswith("symerge.")]
-failures = {}
-for name, code in json.loads(sys.argv[1]):
+def start(code):
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -32,16 +31,21 @@ for name, code in json.loads(sys.argv[1]):
             exec(code, {})
             os._exit(0)
         except BaseException as err:  # noqa: BLE001
-            os.write(write, f"{type(err).__name__}: {err}".encode()[:4000])
+            os.write(write, f"{type(err).__name__}: {err}".encode()[:4000])  # < a pipe buffer: never blocks
             os._exit(1)
     os.close(write)
-    message = b""
-    while chunk := os.read(read, 4096):
-        message += chunk
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    if status != 0:
-        failures[name] = message.decode(errors="replace") or f"exit status {status}"
+    return pid, read
+
+failures = {}
+points = json.loads(sys.argv[1])
+for first in range(0, len(points), 8):  # 8 children at a time
+    running = [(name, *start(code)) for name, code in points[first:first + 8]]
+    for name, pid, read in running:
+        _, status = os.waitpid(pid, 0)
+        message = os.read(read, 8192)
+        os.close(read)
+        if status != 0:
+            failures[name] = message.decode(errors="replace") or f"exit status {status}"
 print(json.dumps(failures))
 """
 

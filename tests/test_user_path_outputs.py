@@ -171,6 +171,13 @@ def test_load_verifies_the_recorded_checksums(bert, tmp_path):
     head.unlink()
     with pytest.raises(ValidationError, match=r"heads/beta\.safetensors.*missing"):
         symerge.load(out)
+    # the standalone tasks/<task>/ dir is checked by task_model, which reads it
+    from symerge.export import task_model
+
+    _, full = run_merge(merge_config(bert, tmp_path / "full", export={"task_models": True}), progress=False)
+    (full / "tasks" / "alpha" / "config.json").write_text((full / "tasks" / "beta" / "config.json").read_text())
+    with pytest.raises(ValidationError, match=r"tasks/alpha/config\.json.*sha256"):
+        task_model(full, "alpha")
 
 
 # --- item 8: an unwritable output dir fails up front ---------------------------------------------------------------

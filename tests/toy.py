@@ -76,3 +76,11 @@ def build_toy_problem(num_tasks: int = 3, n: int = 256, classes: int = 4, steps:
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean())
+
+
+# Data-parallel tests: a global batch of 33 (uneven over 2 ranks) and options where every method learns something.
+FAST_DISTRIBUTED = dict(steps=5, batch_size=33, progress=False, lr=1e-2, layer_lr=1e-2, seed=1)
+
+
+def distributed_options(method: str) -> dict:
+    return {"surgery": {"rank": 4}, "symerge-block": {"task_layer": "block:layer2."}}.get(method, {})

@@ -97,10 +97,14 @@ def cmd_methods(_: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from symerge.adaptive.distributed import is_main_process
     from symerge.pipeline import run_merge
 
-    result, out = run_merge(args.config, overwrite=True if args.overwrite else None, progress=not args.no_progress,
-                            log=print)
+    main_process = is_main_process()  # under torchrun, rank 0 reports and writes
+    result, out = run_merge(args.config, overwrite=True if args.overwrite else None,
+                            progress=not args.no_progress and main_process, log=print if main_process else None)
+    if not main_process:
+        return 0
     print(f"merged {len(result.tasks)} tasks ({', '.join(result.tasks)}) with '{result.method}'")
     print(f"output: {Path(out).resolve()}  (load it with symerge.load; see {Path(out) / 'symerge.json'})")
     return 0

@@ -59,6 +59,9 @@ class MethodSection(Strict):
     name: str = Field(min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
     trainer: TrainerConfig | None = None
+    storage_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="dtype the task vectors τ are held in during the merge / adaptation: bfloat16 "
+        "halves their memory (θ = θ_pre + Σ λ τ is still computed in fp32); see `symerge plan`")
 
 
 class DataSection(Strict):

@@ -283,11 +283,12 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def verify_outputs(root: Path, meta: Mapping[str, Any]) -> None:
+def verify_outputs(root: Path, meta: Mapping[str, Any], under: str | None = None) -> None:
     """Check every file `load` reads against the sha256 that symerge.json recorded, so a swapped or damaged head,
-    encoder or λ file fails loudly instead of loading silently (tasks/ is not read by `load`, so not hashed)."""
+    encoder or λ file fails loudly instead of loading silently (tasks/ is not read by `load`, so not hashed).
+    `under`: check only the files of that folder instead (a tasks/<task> dir that `task_model` reads)."""
     for name, digest in (meta.get("outputs") or {}).items():
-        if name.startswith("tasks/"):
+        if (name.startswith("tasks/") if under is None else not name.startswith(f"{under}/")):
             continue
         path = root / name
         if not path.is_file():
@@ -373,6 +374,8 @@ def task_model(directory: str | Path, task: str, verify: bool = True) -> nn.Modu
     from symerge.models.hf_text import build_classifier, config_from_json, load_classifier
 
     if meta["tasks"][task].get("transformers_dir"):
+        if verify:
+            verify_outputs(root, meta, under=meta["tasks"][task]["transformers_dir"])
         return load_classifier(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
     result = load(root, verify=verify)
     config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symerge.batching import Inputs
+from symerge.adaptive.distributed import is_main_process
 from symerge.atomic import clean_stale_temp_dirs
+from symerge.batching import Inputs
 from symerge.config import IMAGE_SUFFIXES, MergeConfig, check_output, load_config, parse_config
 from symerge.errors import SymergeError, ValidationError
 from symerge.export import ExportInfo, TensorStore, jsonable, sha256_file, sha256_tree, write_result
@@ -339,7 +340,7 @@ def run_method(cfg: MergeConfig, loaded: LoadedModel, adapt_inputs: Mapping[str,
     from symerge.merging.registry import PerTaskDelta
 
     name, options = cfg.method.name, cfg.method_options()
-    tv = loaded.pool.task_vectors()
+    tv = loaded.pool.task_vectors(cfg.method.storage_dtype)
     torch.manual_seed(cfg.seed)
     try:
         if cfg.adaptive:
@@ -432,6 +433,8 @@ def run_merge(config: str | Path | MergeConfig | Mapping[str, Any], overwrite: b
         result = run_method(cfg, loaded, adapt_inputs, progress)
     if loaded.text is not None:  # predict(task, ["raw text"]) works on the returned result as on a loaded one
         result.tokenizer, result.max_len = loaded.text.tokenizer, cfg.data.max_len
+    if not is_main_process():  # under torchrun every rank holds the same result; rank 0 evaluates and writes
+        return result, cfg.output_path
     with phases("evaluate"):
         metrics = evaluate(result, eval_data, cfg, progress)
     from symerge import __version__

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from symerge.adaptive.adamerging import AdaMerging
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.config import REGIMES, TrainerConfig
+from symerge.adaptive.distributed import ensure_process_group, rank_device
 from symerge.adaptive.experts import ExpertCache, compute_expert_cache
 from symerge.adaptive.fingerprint import run_fingerprint
 from symerge.adaptive.inputs import Inputs
@@ -79,6 +80,8 @@ def build_trainer(
         raise ValidationError(f"unknown adaptive method '{method}'; available: {adaptive_methods()}")
     cfg = config if isinstance(config, TrainerConfig) else TrainerConfig(**(config or {}))
     cfg = cfg.resolved(coefficients_only=(method == "adamerging"))
+    cfg = cfg.model_copy(update={"device": rank_device(cfg.device)})
+    ensure_process_group(cfg.device)  # under torchrun: join the group (data-parallel adaptation)
     missing = [t for t in task_vectors.tasks if t not in inputs]
     if missing:
         raise ValidationError(f"no adaptation inputs for task '{missing[0]}'")

@@ -10,6 +10,7 @@ from torch import Tensor
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs
+from symerge.adaptive.objectives import LossTerm, entropy_loss
 
 
 class AdaMerging(AdaptiveMethod):
@@ -18,9 +19,10 @@ class AdaMerging(AdaptiveMethod):
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.merged.lambdas], "lr": lr}]
 
-    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
-        from symerge.adaptive.objectives import entropy_loss
+    def step_parameters(self, task: str) -> list:
+        return [self.merged.lambdas]
 
+    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> LossTerm | None:
         if self.task_kinds[task] != "classification":
             return None  # entropy is undefined for regression outputs: such tasks do not drive λ
         return entropy_loss(self.task_output(task, inputs))

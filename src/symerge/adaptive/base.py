@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
+from symerge.adaptive.objectives import LossTerm
 from symerge.errors import ValidationError
 from symerge.result import MergeResult
 
@@ -61,6 +62,10 @@ class AdaptiveMethod(nn.Module):
         """Optimizer parameter groups (λ at `lr`, task-specific layers at `layer_lr`)."""
         raise NotImplementedError
 
+    def step_parameters(self, task: str) -> list[nn.Parameter]:
+        """The trainable tensors one task's loss can reach (their gradients are summed over data-parallel ranks)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def encoder_overrides(self, task: str) -> dict[str, Tensor]:
         """Per-task encoder tensors that replace the merged ones (block-as-task-layer option)."""
         return {}
@@ -71,7 +76,7 @@ class AdaptiveMethod(nn.Module):
     def task_output(self, task: str, inputs: Inputs) -> Tensor:
         return self.head(task)(self.task_features(task, inputs))
 
-    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
+    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> LossTerm | None:
         """Loss of one task's batch; None means 'no usable sample, make no update'."""
         raise NotImplementedError
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, batch_indices, encode_all
+from symerge.adaptive.distributed import current_world, gather_rows, shard_range, sum_scalars
+from symerge.adaptive.inputs import Inputs, batch_indices, encode_all, num_samples, take
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.devices import autocast, module_on
 
@@ -64,21 +65,26 @@ def compute_expert_cache(
     progress: bool = False,
     precision: str = "fp32",
 ) -> ExpertCache:
-    """Run each expert (θ_pre + τ_k with its own head) once over its task's adaptation inputs."""
+    """Run each expert (θ_pre + τ_k with its own head) once over its task's adaptation inputs.
+
+    Under torchrun each rank runs its contiguous slice and the slices are gathered, so every rank holds the whole
+    cache after ~1/N of the work."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     outputs: dict[str, Tensor] = {}
     features: dict[str, Tensor] = {}
     passes: dict[str, int] = {}
+    world = current_world()
     merged.encoder.eval()
-    for task in tqdm(merged.tasks, desc="expert outputs", disable=not progress, leave=False):
+    for task in tqdm(merged.tasks, desc="expert outputs", disable=not (progress and world.is_main), leave=False):
         params = merged.task_params(task)
         head = module_on(heads[task], device).eval()
+        mine = take(inputs[task], shard_range(num_samples(inputs[task]), world))
         with count_samples(merged.encoder) as seen, autocast(device, precision):
-            features[task] = encode_all(merged.encoder, inputs[task], params, batch_size, device)
-            outputs[task] = torch.cat([head(features[task][i].to(device)).float().cpu()
-                                       for i in batch_indices(len(features[task]), batch_size)])
-        passes[task] = seen[0]
+            local = encode_all(merged.encoder, mine, params, batch_size, device)
+            local_out = torch.cat([head(local[i].to(device)).float().cpu() for i in batch_indices(len(local), batch_size)])
+        features[task], outputs[task] = gather_rows(local, world), gather_rows(local_out, world)
+        passes[task] = int(sum_scalars([seen[0]], world)[0])
         del params
     return ExpertCache(outputs=outputs, features=features, forward_passes=passes, seconds=time.perf_counter() - start)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from symerge.adaptive.inputs import Inputs, call_module
 from symerge.devices import full_precision, module_on
 from symerge.errors import ValidationError
-from symerge.taskvectors import TaskVectors
+from symerge.taskvectors import BLOCK_ELEMENTS, TaskVectors
 
 GRANULARITIES = ("tensor", "block", "task")
 BLOCK_PATTERNS = (
@@ -57,6 +57,42 @@ def group_index(keys: list[str], granularity: str) -> tuple[list[str], Tensor]:
             rows.append(names.index(name))
         return names, torch.tensor(rows, dtype=torch.long)
     raise ValidationError(f"granularity must be one of {GRANULARITIES}, got '{granularity}'")
+
+
+class _StoredTauProduct(torch.autograd.Function):
+    """λ [K] @ τ [K, n] for τ stored in a narrower dtype (bf16 / fp16), computed in λ's dtype (fp32).
+
+    Why not `λ @ τ.float()`: autograd would save the fp32 copy of τ for λ's gradient, so every tensor's τ would be
+    held in fp32 until backward — more memory than fp32 storage. Here only the stored τ is saved, and forward and
+    backward upcast it one column block (≈ BLOCK_ELEMENTS entries) at a time. The upcast is exact, so the result
+    equals `λ @ τ.float()` up to the summation order of λ's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, lam: Tensor, tau: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(tau)
+        ctx.compute = lam.dtype
+        out = torch.empty(tau.shape[1], dtype=lam.dtype, device=tau.device)
+        width = max(1, BLOCK_ELEMENTS // max(1, tau.shape[0]))
+        for start in range(0, tau.shape[1], width):
+            torch.mv(tau[:, start:start + width].to(lam.dtype).t(), lam, out=out[start:start + width])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (tau,) = ctx.saved_tensors
+        grad_lam = torch.zeros(tau.shape[0], dtype=ctx.compute, device=tau.device)
+        width = max(1, BLOCK_ELEMENTS // max(1, tau.shape[0]))
+        for start in range(0, tau.shape[1], width):
+            grad_lam += tau[:, start:start + width].to(ctx.compute) @ grad[start:start + width].to(ctx.compute)
+        return grad_lam, None
+
+
+def weighted_tau(weights: Tensor, tau: Tensor, dtype: torch.dtype) -> Tensor:
+    """Σ_k w_k τ_k in `dtype` (fp32, or fp64 for a fp64 model); τ stored narrower is upcast block by block."""
+    if tau.dtype == dtype:
+        return weights.to(dtype) @ tau
+    return _StoredTauProduct.apply(weights.to(dtype), tau)
 
 
 class MergedEncoder(nn.Module):
@@ -126,7 +162,7 @@ class MergedEncoder(nn.Module):
             for i, key in enumerate(self.keys):
                 pre: Tensor = getattr(self, f"pre_{i}")
                 tau: Tensor = getattr(self, f"tau_{i}")
-                delta = lam[i].to(pre.dtype) @ tau.to(pre.dtype)
+                delta = weighted_tau(lam[i], tau, pre.dtype)  # fp32 even when τ is stored in bf16
                 merged[key] = pre + delta.view(self.shapes[key])
         return merged
 
@@ -157,5 +193,5 @@ class MergedEncoder(nn.Module):
             for i, key in enumerate(self.keys):
                 pre: Tensor = getattr(self, f"pre_{i}")
                 tau: Tensor = getattr(self, f"tau_{i}")
-                merged[key] = pre + (weights.to(pre.device, pre.dtype) @ tau.to(pre.dtype)).view(self.shapes[key])
+                merged[key] = pre + weighted_tau(weights.to(pre.device), tau, pre.dtype).view(self.shapes[key])
         return merged

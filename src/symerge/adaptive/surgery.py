@@ -14,7 +14,7 @@ from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs, encode_all
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.adaptive.objectives import l1_loss
+from symerge.adaptive.objectives import LossTerm, l1_loss
 
 
 class SurgeryAdapter(nn.Module):
@@ -56,10 +56,13 @@ class Surgery(AdaptiveMethod):
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.surgery.parameters()), "lr": layer_lr}]
 
+    def step_parameters(self, task: str) -> list[nn.Parameter]:
+        return list(self.surgery[self.slot(task)].parameters())
+
     def task_features(self, task: str, inputs: Inputs) -> Tensor:
         return self.surgery[self.slot(task)](super().task_features(task, inputs))
 
-    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
+    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> LossTerm | None:
         device = self.merged.lambdas.device
         merged = self.frozen_features[task][index].to(device, non_blocking=True)
         return l1_loss(self.surgery[self.slot(task)](merged), cache.batch("features", task, index, device))

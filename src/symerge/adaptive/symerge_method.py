@@ -20,7 +20,7 @@ from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.adaptive.objectives import l1_loss, self_label_loss
+from symerge.adaptive.objectives import LossTerm, l1_loss, self_label_loss
 from symerge.errors import ValidationError
 
 
@@ -76,12 +76,17 @@ class SyMerge(AdaptiveMethod):
         groups.append({"params": list(layers), "lr": layer_lr})
         return groups
 
+    def step_parameters(self, task: str) -> list[nn.Parameter]:
+        own = self.blocks[self.slot(task)] if self.block_prefix is not None else self.head(task)
+        shared = [self.merged.lambdas] if self.merged.lambdas.requires_grad else []
+        return shared + list(own.parameters())
+
     def encoder_overrides(self, task: str) -> dict[str, Tensor]:
         if self.block_prefix is None:
             return {}
         return dict(zip(self.block_keys, self.blocks[self.slot(task)]))
 
-    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> Tensor | None:
+    def task_loss(self, task: str, inputs: Inputs, index: Tensor, cache: ExpertCache) -> LossTerm | None:
         output = self.task_output(task, inputs)
         target = cache.batch("outputs", task, index, output.device)
         if self.task_kinds[task] == "regression":

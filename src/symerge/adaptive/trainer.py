@@ -5,6 +5,8 @@ the loss, and — in the default "sequential" mode — an immediate optimizer st
 "summed" accumulates every task's gradient (backward per task, so still one graph at a time) and steps once.
 A non-finite loss or gradient skips the step with a warning. Checkpoints are written atomically, hold CPU tensors
 only, carry the run's fingerprint (`fingerprint.py`) and are resumed once, when the trainer is built.
+Under torchrun each rank takes its slice of every task batch and the task's gradients are summed over ranks before
+its optimizer step (`distributed.py`), so N processes give the single-process result; only rank 0 writes.
 Under `precision` bf16 / fp16 the task losses run in autocast (fp16 with a GradScaler); λ, the task-specific
 layers and the optimizer state stay fp32.
 """
@@ -28,6 +30,7 @@ from symerge.atomic import atomic_save
 from symerge.adaptive.config import TrainerConfig
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.adaptive.distributed import current_world, shard, sum_gradients, sum_scalars
 from symerge.adaptive.fingerprint import differences
 from symerge.adaptive.sampling import make_samplers, task_order
 from symerge.devices import autocast, grad_scaler
@@ -54,6 +57,7 @@ class Trainer:
         self.method_options = dict(method_options or {})  # recorded in the result's provenance
         self.inputs = inputs
         self.fingerprint = dict(fingerprint or {})
+        self.world = current_world()
         start = time.perf_counter()
         with autocast(config.device, config.precision):
             method.prepare(inputs, config.expert_batch_size, config.device)
@@ -87,7 +91,8 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         assert self.config.checkpoint_path is not None
-        atomic_save(self.state(step), Path(self.config.checkpoint_path))
+        if self.world.is_main:  # every rank holds the same state; one writer
+            atomic_save(self.state(step), Path(self.config.checkpoint_path))
 
     def load_checkpoint(self, path: Path) -> None:
         state = read_checkpoint(path)
@@ -116,31 +121,40 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def task_step(self, step: int, task: str, callback: StepCallback | None) -> float | None:
-        """Forward + backward of one task's batch; returns the loss value or None if skipped."""
+        """Forward + backward of one task's batch (this rank's slice); returns the global loss or None if skipped."""
         cfg = self.config
         task_index = self.method.tasks.index(task)
-        index = self.samplers[task_index].batch(step)
-        batch = take(self.inputs[task], index, cfg.device)
-        with autocast(cfg.device, cfg.precision):
-            loss = self.method.task_loss(task, batch, index, self.cache)
+        index = shard(self.samplers[task_index].batch(step), self.world)
+        term = None
+        if len(index):
+            batch = take(self.inputs[task], index, cfg.device)
+            with autocast(cfg.device, cfg.precision):
+                term = self.method.task_loss(task, batch, index, self.cache)
+        local = float(term.value.detach()) if term is not None else 0.0
+        local_units = term.units if term is not None else 0
+        finite = math.isfinite(local)
+        units, total, bad = sum_scalars([local_units, local * local_units if finite else 0.0, 0.0 if finite else 1.0],
+                                        self.world)
         value: float | None = None
-        if loss is not None:
-            value = float(loss.detach())
-            if math.isfinite(value):
+        if bad:
+            warnings.warn(f"step {step}, task '{task}': non-finite loss; update skipped", stacklevel=2)
+        elif units > 0:
+            value = total / units if self.world.active else local
+            if term is not None:  # each rank's mean weighted by its share of the units: the global mean's gradient
+                loss = term.value * (local_units / units) if self.world.active else term.value
                 self.scaler.scale(loss).backward()
-            else:
-                warnings.warn(f"step {step}, task '{task}': non-finite loss {value}; update skipped", stacklevel=2)
-                value = None
-        del loss
+        del term
         if callback is not None:
             callback(step, task, None if value is None else torch.tensor(value))
         return value
 
-    def apply_update(self, step: int, what: str) -> bool:
+    def apply_update(self, step: int, what: str, task: str | None = None) -> bool:
         """Optimizer step if the accumulated gradients are finite; always clears gradients.
 
+        Gradients of `task`'s trainable tensors (all of them for the summed update) are first summed over ranks.
         Under fp16 the gradients are unscaled first; an overflow then only lowers the loss scale (no warning).
         """
+        sum_gradients(self.method.step_parameters(task) if task is not None else self.params, self.world)
         scaled = self.scaler.is_enabled()
         if scaled:
             self.scaler.unscale_(self.optimizer)
@@ -166,14 +180,15 @@ class Trainer:
         for head in self.method.heads.values():
             head.eval()
         start_time = time.perf_counter()
-        bar = tqdm(range(self.start_step, end), desc=f"{self.method.name}", disable=not cfg.progress, leave=False)
+        bar = tqdm(range(self.start_step, end), desc=f"{self.method.name}", disable=not (cfg.progress and self.world.is_main),
+                   leave=False)
         for step in bar:
             losses: dict[str, float] = {}
             for k in task_order(cfg.seed, step, len(self.method.tasks)):
                 task = self.method.tasks[k]
                 value = self.task_step(step, task, callback)
                 if cfg.update == "sequential":
-                    if value is None or not self.apply_update(step, f"task '{task}'"):
+                    if value is None or not self.apply_update(step, f"task '{task}'", task):
                         self.skipped_steps += 1
                         self.optimizer.zero_grad(set_to_none=True)
                 if value is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
@@ -67,10 +67,11 @@ class Benchmark:
     def pretrained_state(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
-    def task_vectors(self) -> TaskVectors:
+    def task_vectors(self, dtype: str = "float32") -> TaskVectors:
+        """τ of every expert, stored in `dtype` (bfloat16 halves τ's memory; merges still compute in fp32)."""
         base = self.encoder.state_dict()
         keys = list(next(iter(self.experts.values())).keys())
-        return TaskVectors.from_state_dicts(base, self.experts, keys=keys)
+        return TaskVectors.from_state_dicts(base, self.experts, keys=keys, dtype=dtype)
 
 
 class AdaptSettings(BaseModel):
@@ -86,6 +87,9 @@ class AdaptSettings(BaseModel):
     seed: int = 0
     device: DeviceName = "cpu"
     precision: Precision = "fp32"
+    storage_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="dtype τ is stored in for every method of the run (bfloat16: half the memory; "
+        "θ = θ_pre + Σ λ τ is still computed in fp32)")
     curve: list[int] = Field(default_factory=lambda: [25, 50, 100, 200])
     per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -232,7 +236,7 @@ def run_methods(
         raise ValidationError(f"protocol must be 'held-out' or 'transductive', got '{protocol}'")
     order = ["individual"] + [m for m in methods if m != "individual"]
     device = settings.device
-    tv = bench.task_vectors()
+    tv = bench.task_vectors(settings.storage_dtype)
     adapt_inputs = {t: (d.adapt if protocol == "held-out" else d.test) for t, d in bench.tasks.items()}
     cache: ExpertCache | None = None
     outcomes: dict[str, MethodOutcome] = {}
