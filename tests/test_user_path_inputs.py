@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +98,16 @@ def test_bad_option_is_refused_at_config_time_naming_the_field(bert, tmp_path, m
         run_merge(path, progress=False)
     assert f"config.yaml': {field}" in str(info.value) or f"{field}:" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, name", [({"scaling_coef": "x"}, "scaling_coef"), ({"density": "high"}, "density")])
+def test_python_merge_names_a_mistyped_option(options, name):
+    import symerge.merging as merging
+
+    base = {"w": torch.randn(3, 3)}
+    experts = {"a": {"w": torch.randn(3, 3)}, "b": {"w": torch.randn(3, 3)}}
+    with pytest.raises(ValidationError, match=f"option '{name}'"):
+        merging.merge("ties", base, experts, **options)
 
 
 def test_every_static_method_default_options_validate(bert, tmp_path):
@@ -198,6 +207,19 @@ def test_unreachable_hub_id_is_tried_once(bert, tmp_path, hub_online):
         run_merge(cfg, progress=False)
     assert time.perf_counter() - start < 10, "retried the hub"
     assert "model.experts.beta" in str(info.value) and "no-such-org/no-such-model" in str(info.value)
+
+
+def test_clip_sources_follow_the_same_rules(tmp_path, monkeypatch, hub_online):
+    from symerge.models.clip import _model_source
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValidationError, match="does not exist"):
+        _model_source("models/nosuch", "pretrained CLIP model")
+    start = time.perf_counter()
+    with pytest.raises(ValidationError, match="no-such-org/no-such-model"):
+        _model_source("no-such-org/no-such-model", "pretrained CLIP model")
+    assert time.perf_counter() - start < 10
 
 
 # --- item 14: what `symerge merge` prints -------------------------------------------------------------------------

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from symerge.models.convert import register_convert_command
 
     register_convert_command(sub)
+    from symerge.memory_plan import register_plan_command
+
+    register_plan_command(sub)  # `symerge plan CONFIG`: memory estimate before loading anything
     methods = sub.add_parser("methods", help="list the registered merge methods")
     methods.set_defaults(func=cmd_methods)
     return parser

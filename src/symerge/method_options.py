@@ -47,7 +47,7 @@ def check_types(method: str, options: Mapping[str, Any], types: Mapping[str, Any
             out[name] = adapter.validate_python(value)
         except pydantic.ValidationError as err:
             expected = getattr(types.get(name), "__name__", None) or str(types.get(name)).replace("typing.", "")
-            raise OptionError(name, f"method '{method}': {value!r} is not a valid {expected} "
+            raise OptionError(name, f"method '{method}': option '{name}': {value!r} is not a valid {expected} "
                                     f"({err.errors()[0]['msg']})") from None
     return out
 

@@ -25,7 +25,7 @@ class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     regime: Literal["vision", "nlp", "dense"] = "vision"
-    steps: int | None = Field(default=None, ge=0, description="iterations; each visits every task once")
+    steps: int | None = Field(default=None, ge=1, description="iterations; each visits every task once")
     batch_size: int | None = Field(default=None, ge=1)
     lr: float | None = Field(default=None, gt=0, description="learning rate of the merging coefficients λ")
     layer_lr: float | None = Field(default=None, gt=0, description="learning rate of the task-specific layers")

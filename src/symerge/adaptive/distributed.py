@@ -10,6 +10,7 @@ rank) every function here is the identity, so single-process code pays nothing.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -69,7 +70,15 @@ def ensure_process_group(device: str) -> World:
         if backend == "nccl":
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend=backend)
+        # Leaving with the group alive lets gloo's threads outlive the interpreter ("terminate called without an
+        # active exception", exit -6): we created it, so we tear it down.
+        atexit.register(leave_process_group)
     return current_world()
+
+
+def leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(index: Tensor, world: World) -> Tensor:

@@ -50,13 +50,17 @@ class MethodSpec:
         return self.stream is not None and not self.per_task
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Defaults overridden by `options`; an unknown option raises naming it and the valid ones."""
+        """Defaults overridden by `options`; an unknown option, or one not of its declared type (the parameter's
+        annotation, e.g. `scaling_coef="x"`), raises naming it."""
+        from symerge.method_options import check_types, declared_types
+
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
             raise ValidationError(
                 f"method '{self.name}' has no option '{unknown[0]}'; valid options: {sorted(self.defaults) or 'none'}"
             )
-        return {**self.defaults, **options}
+        typed = check_types(self.name, options, declared_types(self.stream or self.fn, list(options)))
+        return {**self.defaults, **typed}
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

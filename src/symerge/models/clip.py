@@ -319,8 +319,10 @@ def _model_source(path: PathLike, what: str) -> str:
             raise ValidationError(f"{what} '{path}' is not a Hugging Face model directory (no config.json)")
         return str(local)
     text = str(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
-        return text
+    from symerge.models.hf_text import hub_source, looks_like_path
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not looks_like_path(text):
+        return hub_source(text, what)  # asked once; a cached snapshot when the hub cannot be reached
     raise ValidationError(f"{what} '{path}' does not exist")
 
 
