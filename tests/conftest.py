@@ -15,3 +15,14 @@ def toy_problem():
     from toy import build_toy_problem
 
     return build_toy_problem()
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny BERT pool (alpha: 2 classes, beta: 3) with adaptation and labeled data files, one per test module."""
+    import hf_tiny
+
+    root = tmp_path_factory.mktemp("bert")
+    pre, experts = hf_tiny.make_pool(root, "bert", hf_tiny.LABELS)
+    adapt, evals = hf_tiny.write_data(root, hf_tiny.LABELS)
+    return {"root": root, "pre": pre, "experts": experts, "adapt": adapt, "eval": evals}

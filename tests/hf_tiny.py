@@ -14,6 +14,7 @@ WORDS = [f"w{i}" for i in range(40)]
 SPECIAL = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]  # [PAD] = 1, as RoBERTa's padding_idx expects
 VOCAB = SPECIAL + WORDS
 MAX_LEN = 12
+LABELS = {"alpha": 2, "beta": 3}
 
 
 def tokenizer():
@@ -108,6 +109,22 @@ def write_data(root: Path, labels: dict[str, int], n: int = 12) -> tuple[dict[st
         labeled = [{"text": t, "label": (f"{task}{j % k}" if i == 0 else j % k)} for j, t in enumerate(texts(n, seed=10 + i))]
         evals[task] = str(writer(root / f"eval-{task}.{'csv' if i == 0 else 'jsonl'}", labeled))
     return adapt, evals
+
+
+def merge_config(pool: dict[str, Any], out: Path, method: dict[str, Any] | None = None, adapt: bool = True,
+                 **extra: Any) -> dict[str, Any]:
+    """A `symerge merge` config (as a dict) for the conftest `bert` pool."""
+    data: dict[str, Any] = {"max_len": MAX_LEN}
+    if adapt:
+        data["adapt"] = dict(pool["adapt"])
+    return {
+        "model": {"family": "hf_text", "pretrained": str(pool["pre"]),
+                  "experts": {t: str(p) for t, p in pool["experts"].items()}},
+        "method": method or {"name": "ties", "options": {"density": 0.5}},
+        "data": data,
+        "output_dir": str(out),
+        **extra,
+    }
 
 
 def write_config(path: Path, **sections: Any) -> Path:

@@ -16,15 +16,6 @@ from symerge.models.hf_text import load_text_classifier_pool, split_classifier, 
 LABELS = {"alpha": 2, "beta": 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread is several times faster than oversubscribed ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_configs():
     import transformers
 

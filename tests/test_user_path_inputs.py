@@ -21,32 +21,7 @@ LABELS = {"alpha": 2, "beta": 3}
 TRAINER = {"steps": 2, "batch_size": 4, "progress": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bert")
-    pre, experts = hf_tiny.make_pool(root, "bert", LABELS)
-    adapt, evals = hf_tiny.write_data(root, LABELS)
-    return {"root": root, "pre": pre, "experts": experts, "adapt": adapt, "eval": evals}
-
-
-def base_config(bert, out, method=None, **extra):
-    cfg = {
-        "model": {"family": "hf_text", "pretrained": str(bert["pre"]),
-                  "experts": {t: str(p) for t, p in bert["experts"].items()}},
-        "method": method or {"name": "ties", "options": {"density": 0.5}},
-        "data": {"adapt": dict(bert["adapt"]), "max_len": hf_tiny.MAX_LEN},
-        "output_dir": str(out),
-    }
-    cfg.update(extra)
-    return cfg
+base_config = hf_tiny.merge_config
 
 
 def copy_expert(bert, tmp_path, task="beta"):

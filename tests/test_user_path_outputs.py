@@ -25,31 +25,8 @@ LABELS = {"alpha": 2, "beta": 3}
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bert")
-    pre, experts = hf_tiny.make_pool(root, "bert", LABELS)
-    adapt, evals = hf_tiny.write_data(root, LABELS)
-    return {"root": root, "pre": pre, "experts": experts, "adapt": adapt, "eval": evals}
-
-
 def merge_config(bert, out, method=None, **extra):
-    return {
-        "model": {"family": "hf_text", "pretrained": str(bert["pre"]),
-                  "experts": {t: str(p) for t, p in bert["experts"].items()}},
-        "method": method or {"name": "task_arithmetic"},
-        "data": {"max_len": hf_tiny.MAX_LEN},
-        "output_dir": str(out),
-        **extra,
-    }
+    return hf_tiny.merge_config(bert, out, method or {"name": "task_arithmetic"}, adapt=False, **extra)
 
 
 def run_cli(tmp_path, config, *args, name="config.yaml"):
