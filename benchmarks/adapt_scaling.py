@@ -64,7 +64,8 @@ def lower_bound_step(trainer, task: str, plain: dict, batch: dict, target) -> No
     F.cross_entropy(logits, target.argmax(-1)).backward()
 
 
-def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int, tiny: bool) -> dict[str, float]:
+def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int, tiny: bool,
+            profile: bool = False) -> dict[str, float]:
     import resource
 
     import torch
@@ -77,7 +78,7 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
     encoder, heads, tv, inputs = build(num_tasks, storage, samples, length, hidden, layers, vocab)
     world = distributed_world()
     trainer = build_trainer("symerge", encoder, heads, tv, inputs,
-                            config=TrainerConfig(regime="nlp", steps=steps + 1, batch_size=16, progress=False,
+                            config=TrainerConfig(regime="nlp", steps=steps + 1 + int(profile), batch_size=16, progress=False,
                                                  lr=1e-2, layer_lr=1e-2))
     trainer.run(stop_after=1)  # warm-up iteration (allocator, kernels)
     merged = trainer.method.merged
@@ -95,6 +96,10 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
     trainer.run(stop_after=steps)
     seconds = time.perf_counter() - start
     merged.params = original  # type: ignore[method-assign]
+    if profile:  # where a SyMerge iteration's time goes (one more iteration, by operator)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.run(stop_after=1)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
     # compute lower bound, same process, same batches: θ materialised once, plain weights requiring grad
     with torch.no_grad():
@@ -138,7 +143,8 @@ def distributed_world() -> tuple[int, int, str]:
 
 def run_child(args: argparse.Namespace, num_tasks: int, processes: int) -> dict[str, float]:
     child = ["--child", str(num_tasks), "--steps", str(args.steps), "--storage", args.storage,
-             "--samples", str(args.samples), "--length", str(args.length)] + (["--tiny"] if args.tiny else [])
+             "--samples", str(args.samples), "--length", str(args.length)] + (["--tiny"] if args.tiny else []) + (
+             ["--profile", str(num_tasks)] if args.profile == num_tasks and processes == 1 else [])
     if processes == 1:
         command = [sys.executable, __file__, *child]
     else:  # HOOK (issue 15 item 4): N ranks, rank 0 prints its figures
@@ -148,6 +154,8 @@ def run_child(args: argparse.Namespace, num_tasks: int, processes: int) -> dict[
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"K={num_tasks}, {processes} process(es) failed:\n{out.stderr[-3000:]}")
+    if args.profile == num_tasks and processes == 1:
+        print(f"profile of one SyMerge iteration at K={num_tasks} (self CPU time):\n{out.stderr.strip()}\n")
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
 
@@ -162,10 +170,12 @@ def main() -> None:
     parser.add_argument("--processes", default="1", help="HOOK: e.g. 1,2 — torchrun ranks at --distributed-tasks")
     parser.add_argument("--distributed-tasks", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="2-layer hidden-48 model (smoke test)")
+    parser.add_argument("--profile", type=int, default=0, help="print a torch.profiler table for this K")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = measure(args.child, args.steps, args.storage, args.samples, args.length, args.tiny)
+        result = measure(args.child, args.steps, args.storage, args.samples, args.length, args.tiny,
+                         bool(args.profile))
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result))
         return

@@ -185,3 +185,27 @@ def test_vit_table_shapes():
                       storage_dtype="bfloat16", experts_held=False)
     assert mp.tau_bytes(20, b32.merged_params, "bfloat16") == 20 * 87_800_000 * 2
     assert mp.plan_memory(b32, run).peak < mp.plan_memory(b32, mp.RunShape(**{**run.__dict__, "storage_dtype": "float32"})).peak
+
+
+def test_merge_config_bf16_storage_end_to_end(tmp_path: Path):
+    """`method.storage_dtype: bfloat16` reaches the adaptation: same λ as fp32 up to τ's rounding, fp32 output."""
+    from symerge.pipeline import run_merge
+
+    results = {s: run_merge(hf_config(tmp_path / s, s), progress=False)[0] for s in ("float32", "bfloat16")}
+    lam32, lam16 = results["float32"].lambdas, results["bfloat16"].lambdas
+    assert lam16 is not None and lam32 is not None and torch.allclose(lam16, lam32, atol=2e-3)
+    assert all(v.dtype == torch.float32 for v in results["bfloat16"].encoder_state.values() if v.is_floating_point())
+
+
+def test_plan_static_streaming_method_does_not_count_stacked_tau(tmp_path: Path):
+    path = hf_config(tmp_path)
+    text = path.read_text()
+    import yaml
+
+    data = yaml.safe_load(text)
+    data["method"] = {"name": "task_arithmetic"}
+    data.pop("data")
+    path.write_text(yaml.safe_dump(data))
+    plan, shape, run = mp.plan_config(load_config(path))
+    assert not run.adaptive and not run.tau_materialised
+    assert not any(k.startswith("τ (") for k in plan.resident)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import symerge.taskvectors as taskvectors
-from symerge.merging import merge, merge_task_vectors, ops, select_ops
-from symerge.taskvectors import StateDictTau, TaskVectors
+from symerge.merging import merge, merge_task_vectors, select_ops, stream
+from symerge.merging.stream import StateDictTau
+from symerge.taskvectors import TaskVectors
 
 SEPARABLE = [
     ("task_arithmetic", {}),
@@ -47,10 +47,10 @@ def make_pool(kind: str = "normal", num_tasks: int = 4, seed: int = 0, dtype=tor
 def engine(request, monkeypatch):
     """Run each test under several engine settings that change blocks and selection paths, never results."""
     if request.param == "tiny_blocks":
-        monkeypatch.setattr(taskvectors, "BLOCK_ELEMENTS", 37)
+        monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 37)
     if request.param in ("band_everywhere", "radix_everywhere"):
-        monkeypatch.setattr(ops, "DIRECT_SELECT", 16)
-        monkeypatch.setattr(ops, "TENSOR_SAMPLE", 64)
+        monkeypatch.setattr(stream, "DIRECT_SELECT", 16)
+        monkeypatch.setattr(stream, "TENSOR_SAMPLE", 64)
         monkeypatch.setattr(select_ops, "STREAM_SAMPLE", 256)
     if request.param == "radix_everywhere":  # every bracket misses: the exact radix fallback decides
         monkeypatch.setattr(select_ops, "bracket", lambda sample, *_: (

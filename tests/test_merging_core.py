@@ -144,8 +144,9 @@ def ref_trim(values: np.ndarray, density: float) -> np.ndarray:
 def ref_ties(pre_np, tau, keys, density, scaling, trim_scope, disjoint):
     """TIES from the paper: trim each τ_k, elect γ = sgn(Σ_k τ̂_k) per element, merge agreeing entries.
 
-    Zero votes (exact cancellation) take the official code's "majority" sign: the sign of the number of
-    positive minus negative elected entries over the trim scope (+1 on a tie, like mergekit / PEFT).
+    Zero votes (exact cancellation), global scope: the official code's "majority" sign, the sign of the number of
+    positive minus negative elected entries over the whole task vector (+1 on a tie); per-tensor scope: +1, like
+    mergekit / PEFT.
     """
     tasks = list(tau)
     trimmed = {t: {} for t in tasks}
@@ -173,7 +174,7 @@ def ref_ties(pre_np, tau, keys, density, scaling, trim_scope, disjoint):
     global_majority = majority(keys) if trim_scope == "global" else None
     out = {}
     for k in keys:
-        fallback = global_majority if trim_scope == "global" else majority([k])
+        fallback = global_majority if trim_scope == "global" else 1
         base = pre_np[k].reshape(-1)
         flat = np.zeros(base.size, dtype=np.float64)
         for i in range(base.size):

@@ -1,7 +1,7 @@
 """The `symerge merge CONFIG.yaml` config: one validated file naming models, method, data and output.
 
     model:
-      family: hf_text                 # hf_text | clip | state_dict
+      family: hf_text                 # a registered family: hf_text | clip | state_dict | ...
       pretrained: bert-base-uncased   # dir (relative to this file) or hub id
       experts: {sst2: ckpt/sst2, trec: ckpt/trec}
     method: {name: symerge, options: {task_layer: head}, trainer: {steps: 200, batch_size: 16}}
@@ -14,7 +14,6 @@ Every error names the field (dotted path, e.g. `method.options.densty`) and why;
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,37 +21,24 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from symerge.adaptive.config import TrainerConfig
+from symerge.adaptive.registry import adaptive_methods, is_adaptive
 from symerge.devices import check_precision, device_problem
-from symerge.errors import ValidationError
+from symerge.errors import FieldError, ValidationError
+from symerge.models.families import family_names, forward_families, get_family, model_section_type, task_model_families
+from symerge.models.families.base import TASK_NAME  # noqa: F401 - re-exported
+from symerge.models.families.hf_text import TEXT_SUFFIXES  # noqa: F401 - re-exported
+from symerge.models.families.image_folder import IMAGE_SUFFIXES  # noqa: F401 - re-exported
 
-FAMILIES = ("hf_text", "clip", "state_dict")
-ADAPTIVE = ("adamerging", "surgery", "symerge")
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")  # .txt: one unlabeled text per line (adaptation only)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FAMILIES = tuple(family_names())
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSection(Strict):
-    family: Literal["hf_text", "clip", "state_dict"]
-    pretrained: str = Field(min_length=1, description="model dir / file (relative to the config) or hub id")
-    experts: dict[str, str] = Field(description="task -> fine-tuned checkpoint")
-    class_names: dict[str, list[str]] | None = None
-    templates: list[str] | None = Field(default=None, description="clip: prompt templates with '{}'")
-    head_prefixes: list[str] | None = Field(default=None, description="state_dict: tensor-name prefixes of task heads")
-    normalize: bool = Field(default=True, description="clip: L2-normalise image embeddings before the head")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="cast every loaded tensor to this dtype; auto: as stored (all must agree)")
-
-    @property
-    def torch_dtype(self) -> Any:
-        """The torch dtype to cast to, None for auto."""
-        import torch
-
-        return None if self.dtype == "auto" else getattr(torch, self.dtype)
+# The `model:` section: one class per family, declared next to its plugin (symerge.models.families), as a union
+# discriminated by `family` — pydantic checks each family's own fields and rules.
+ModelSection = model_section_type()
 
 
 class MethodSection(Strict):
@@ -109,7 +95,7 @@ class MergeConfig(Strict):
 
     @property
     def adaptive(self) -> bool:
-        return self.method.name in ADAPTIVE
+        return is_adaptive(self.method.name)
 
     def path(self, value: str) -> Path:
         """A config path: absolute, or relative to the config file's directory."""
@@ -130,7 +116,7 @@ class MergeConfig(Strict):
         return self.path(self.output_dir)
 
     def trainer_config(self) -> TrainerConfig:
-        regime = "nlp" if self.model.family == "hf_text" else "vision"
+        regime = get_family(self.model.family).regime
         trainer = self.method.trainer or TrainerConfig(regime=regime)
         fields = trainer.model_fields_set
         update: dict[str, Any] = {"seed": self.seed, "device": self.device}
@@ -153,8 +139,17 @@ def wrap_pydantic(err: pydantic.ValidationError, source: str) -> ValidationError
     lines = []
     for item in err.errors():
         value = item.get("input")
+        loc, msg = tuple(item["loc"]), item["msg"]
+        if loc[:1] == ("model",) and len(loc) > 1 and loc[1] in FAMILIES:
+            loc = loc[:1] + loc[2:]  # the discriminated union's member tag: not a config field
+        if item["type"] == "union_tag_invalid" and loc == ("model",):
+            loc, value = ("model", "family"), (item.get("ctx") or {}).get("tag", value)
+            names = [repr(f) for f in FAMILIES]
+            msg = "Input should be " + (", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0])
+        elif item["type"] == "union_tag_not_found" and loc == ("model",):
+            loc, msg, item = ("model", "family"), "Field required", {**item, "type": "missing"}
         shown = "" if item["type"] in ("missing",) or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {dotted(tuple(item['loc']))}: {item['msg']}{shown}")
+        lines.append(f"  {dotted(loc)}: {msg}{shown}")
     return ValidationError(f"invalid config {source}:\n" + "\n".join(lines))
 
 
@@ -170,6 +165,8 @@ def parse_config(data: Any, base_dir: str | Path | None = None, source: str = "<
         cfg = MergeConfig.model_validate(data)
     except pydantic.ValidationError as err:
         raise wrap_pydantic(err, source) from None
+    except FieldError as err:  # a family section's own rule (raised with its field, through pydantic)
+        raise ValidationError(f"invalid config {source}: {err.field}: {err.why}") from None
     cfg._base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
     cfg._source = source
     check_config(cfg)
@@ -200,7 +197,7 @@ def fail(cfg: MergeConfig, field: str, why: str) -> ValidationError:
 def known_methods() -> tuple[list[str], list[str]]:
     from symerge.merging import available_methods
 
-    return available_methods(), list(ADAPTIVE)
+    return available_methods(), adaptive_methods()
 
 
 def check_method_options(cfg: MergeConfig) -> None:
@@ -209,7 +206,7 @@ def check_method_options(cfg: MergeConfig) -> None:
     from symerge.method_options import OptionError, check_adaptive_options, check_static_options
 
     method = cfg.method
-    check = check_adaptive_options if method.name in ADAPTIVE else check_static_options
+    check = check_adaptive_options if is_adaptive(method.name) else check_static_options
     try:
         method.options = check(method.name, dict(method.options), len(cfg.tasks))
     except OptionError as err:
@@ -234,16 +231,16 @@ def check_task_sets(cfg: MergeConfig, field: str, names: list[str], exact: bool)
 
 
 def check_config(cfg: MergeConfig) -> None:
+    try:
+        check_rules(cfg)
+    except FieldError as err:  # a family's check, raised with its field
+        raise fail(cfg, err.field, err.why) from None
+
+
+def check_rules(cfg: MergeConfig) -> None:
+    """The rules across sections (each section's own rules — task names, a family's fields — ran in pydantic)."""
     model, method, data = cfg.model, cfg.method, cfg.data
-    # tasks
-    if len(cfg.tasks) < 2:
-        raise fail(cfg, "model.experts", f"need at least two experts, got {len(cfg.tasks)} ({cfg.tasks})")
-    for task, source in model.experts.items():
-        if not TASK_NAME.match(task):
-            raise fail(cfg, f"model.experts.{task}", "task names must start with a letter or digit and use only "
-                       "letters, digits, '_', '.', '-' (they name files in the output)")
-        if not source:
-            raise fail(cfg, f"model.experts.{task}", "empty path")
+    family = get_family(model.family)
     # method and options
     static, adaptive = known_methods()
     if method.name not in static and method.name not in adaptive:
@@ -254,46 +251,23 @@ def check_config(cfg: MergeConfig) -> None:
             for name in ("seed", "device"):
                 if name in method.trainer.model_fields_set:
                     raise fail(cfg, f"method.trainer.{name}", f"set the top-level '{name}' instead")
-        if model.family == "state_dict":
+        if not family.has_forward:
             raise fail(cfg, "method.name", f"adaptive method '{method.name}' needs a model with a forward pass "
-                       f"(family hf_text or clip); family 'state_dict' supports the static methods {static}")
+                       f"(family {' or '.join(forward_families())}); family '{model.family}' supports the static "
+                       f"methods {static}")
     else:
         if method.trainer is not None:
             raise fail(cfg, "method.trainer", f"'{method.name}' is a static method; only adaptive methods {adaptive} "
                        "take a trainer block")
-    # family-specific model fields
-    if cfg.export.task_models and model.family != "hf_text":
-        raise fail(cfg, "export.task_models", f"standalone per-task models are written for family 'hf_text' only, not "
-                   f"'{model.family}' (load the output with symerge.load)")
-    if model.family == "clip" and model.dtype not in ("auto", "float32"):
-        raise fail(cfg, "model.dtype", f"family 'clip' is always loaded in float32 (got '{model.dtype}')")
-    if model.family != "clip" and model.templates is not None:
-        raise fail(cfg, "model.templates", f"prompt templates are for family 'clip', not '{model.family}'")
-    if model.family != "state_dict" and model.head_prefixes is not None:
-        raise fail(cfg, "model.head_prefixes", f"head prefixes are for family 'state_dict' (for '{model.family}' the "
-                   "head is found from the architecture)")
-    if model.templates is not None:
-        if not model.templates:
-            raise fail(cfg, "model.templates", "empty list")
-        for i, template in enumerate(model.templates):
-            if "{}" not in template:
-                raise fail(cfg, f"model.templates.{i}", f"template {template!r} has no '{{}}' for the class name")
+    # family-specific rules that need more than the model section (the section's own ran in pydantic)
+    if cfg.export.task_models and not family.task_models:
+        raise fail(cfg, "export.task_models", f"standalone per-task models are written for family "
+                   f"{' or '.join(repr(f) for f in task_model_families())} only, not '{model.family}' (load the output "
+                   "with symerge.load)")
     converted = check_converted_input(cfg)
+    family.check_inputs(cfg, converted)
     names = model.class_names or {}
-    check_task_sets(cfg, "model.class_names", list(names), exact=model.family == "clip" and not converted)
-    for task, classes in names.items():
-        if not classes:
-            raise fail(cfg, f"model.class_names.{task}", "empty list of class names")
-        dup = sorted({c for c in classes if classes.count(c) > 1})
-        if dup:
-            raise fail(cfg, f"model.class_names.{task}", f"duplicate class name '{dup[0]}'")
-    if model.family == "state_dict":
-        for field_name, value in [("model.pretrained", model.pretrained)] + [(f"model.experts.{t}", p) for t, p in model.experts.items()]:
-            path = cfg.path(value)
-            if not path.exists():
-                raise fail(cfg, field_name, f"'{path}' does not exist")
-        if names and not model.head_prefixes:
-            raise fail(cfg, "model.class_names", "family 'state_dict' has no heads unless model.head_prefixes is set")
+    check_task_sets(cfg, "model.class_names", list(names), exact=family.class_names_required(converted))
     # data
     if cfg.adaptive:
         if not data.adapt:
@@ -303,8 +277,8 @@ def check_config(cfg: MergeConfig) -> None:
         check_task_sets(cfg, "data.adapt", list(data.adapt), exact=False)
     if data.eval:
         check_task_sets(cfg, "data.eval", list(data.eval), exact=False)
-        if model.family == "state_dict":
-            raise fail(cfg, "data.eval", "family 'state_dict' has no forward pass to evaluate")
+        if not family.has_forward:
+            raise fail(cfg, "data.eval", f"family '{model.family}' has no forward pass to evaluate")
     for split in ("adapt", "eval"):
         for task, value in getattr(data, split).items():
             check_data_path(cfg, f"data.{split}.{task}", cfg.path(value), labeled=(split == "eval"))
@@ -324,7 +298,7 @@ def check_converted_input(cfg: MergeConfig) -> bool:
     sources = [("model.pretrained", model.pretrained)] + [(f"model.experts.{t}", p) for t, p in model.experts.items()]
     root = cfg.path(model.pretrained)
     manifest = read_convert_manifest(root) if root.is_dir() else None
-    if model.family != "clip" or manifest is None:
+    if not get_family(model.family).reads_converted or manifest is None:
         for field_name, value in sources:
             path = cfg.path(value)
             for folder in ((path, path.parent) if path.is_dir() else ()):
@@ -332,9 +306,6 @@ def check_converted_input(cfg: MergeConfig) -> bool:
                     raise fail(cfg, field_name, f"'{path}' is (in) a `symerge convert` output; merge it with family: "
                                f"clip, pretrained: {folder} and experts {{<Task>: {folder}/<Task>}} (see README)")
         return False
-    if model.templates is not None:
-        raise fail(cfg, "model.templates", f"'{root}' is a `symerge convert` output: its converted heads are used, "
-                   "so templates do not apply")
     complete = sorted(t for t in manifest.get("experts", {}) if t in manifest.get("heads", {}))
     for task, value in model.experts.items():
         if converted_task(root, manifest, cfg.path(value)) is None:
@@ -346,18 +317,9 @@ def check_converted_input(cfg: MergeConfig) -> bool:
 def check_data_path(cfg: MergeConfig, field: str, path: Path, labeled: bool) -> None:
     if not path.exists():
         raise fail(cfg, field, f"'{path}' does not exist")
-    if cfg.model.family == "hf_text":
-        if not path.is_file():
-            raise fail(cfg, field, f"'{path}' is not a file (text data: CSV, TSV or JSONL)")
-        if path.suffix.lower() not in TEXT_SUFFIXES:
-            raise fail(cfg, field, f"'{path.name}': unknown text data format '{path.suffix}'; use {list(TEXT_SUFFIXES)}")
-        if labeled and path.suffix.lower() == ".txt":
-            raise fail(cfg, field, f"'{path.name}': a .txt file holds texts without labels; labeled data must be "
-                       "CSV, TSV or JSONL with a label column")
-    elif cfg.model.family == "clip":
-        if not path.is_dir():
-            raise fail(cfg, field, f"'{path}' is not a folder (image data: a folder of images"
-                       + (", one subfolder per class name)" if labeled else ")"))
+    why = get_family(cfg.model.family).check_data_path(path, labeled)
+    if why is not None:
+        raise fail(cfg, field, why)
 
 
 def check_device(cfg: MergeConfig) -> None:

@@ -18,50 +18,29 @@ dir / "tasks" / task)` gives the same logits (not written for Surgery: its adapt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from symerge.atomic import atomic_directory, prepare_output_dir, share_modes
-from symerge.errors import SymergeError, ValidationError
+from symerge.atomic import atomic_directory, prepare_output_dir
+from symerge.errors import ValidationError
+from symerge.hashing import sha256_file  # noqa: F401 - re-exported
+from symerge.models.families import ExportInfo, get_family
+from symerge.models.families.base import standalone_tasks  # noqa: F401 - re-exported
 from symerge.result import MergeResult
+from symerge.tensorio import TensorStore, head_state, load_tensors, save_tensors  # noqa: F401 - re-exported
 
 FORMAT = "symerge-merge"
 FORMAT_VERSION = 1
 METADATA_FILE = "symerge.json"
 
 
-@dataclass
-class ExportInfo:
-    """What a family needs besides the `MergeResult` to write (and later rebuild) its models."""
-
-    family: str  # hf_text | clip | state_dict
-    num_labels: dict[str, int] = field(default_factory=dict)
-    class_names: dict[str, list[str]] = field(default_factory=dict)
-    architecture: str | None = None  # hf_text: the *ForSequenceClassification class
-    task_configs: dict[str, Any] = field(default_factory=dict)  # hf_text: each task's classifier config
-    tokenizer: Any = None  # saved next to HF models
-    task_models: bool | None = None  # hf_text: write tasks/<task>/ (None: only for tasks with their own encoder)
-    processor: Any = None  # clip image processor
-    normalize: bool = True  # clip: L2-normalised embeddings
-
-
 # --- helpers ---------------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sha256_tree(path: Path) -> dict[str, str]:
     """sha256 of a file, or of every file under a directory (relative names, sorted)."""
     path = Path(path)
@@ -87,57 +66,7 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def save_tensors(state: Mapping[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
-    share_modes(Path(path))  # safetensors writes 0600; give the file the modes of a plain write
-
-
-def load_tensors(path: Path, what: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ValidationError(f"{what}: '{path}' is missing")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own type for corrupt files
-        raise ValidationError(f"{what}: '{path}' is not a valid safetensors file (corrupt or truncated): {err}") from None
-
-
-class TensorStore(nn.Module):
-    """Tensors under their dotted names, without an architecture (state_dict family): weights only, no forward."""
-
-    def __init__(self, state: Mapping[str, Tensor]):
-        super().__init__()
-        for key, value in state.items():
-            *path, leaf = key.split(".")
-            module: nn.Module = self
-            for part in path:
-                child = module._modules.get(part)
-                if child is None:
-                    if hasattr(module, part):
-                        raise ValidationError(f"tensor name '{key}' clashes with another tensor's name")
-                    child = nn.Module()
-                    module.add_module(part, child)
-                module = child
-            if leaf in module._modules:
-                raise ValidationError(f"tensor name '{key}' clashes with another tensor's name")
-            if value.is_floating_point():
-                module.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
-            else:
-                module.register_buffer(leaf, value.detach().clone())
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        raise SymergeError("this model has no architecture (state_dict family): load its weights into your own model")
-
-
 # --- writing ---------------------------------------------------------------------------------------------------------
-def head_state(head: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach() for k, v in head.state_dict().items()}
-
-
 def write_result(
     result: MergeResult,
     output_dir: str | Path,
@@ -156,55 +85,15 @@ def write_result(
     return out
 
 
-def standalone_tasks(result: MergeResult, info: ExportInfo) -> list[str]:
-    """The tasks that get a standalone transformers classifier in tasks/<task>/ (hf_text only).
-
-    Each is a full encoder copy, so by default (`task_models=None`) only tasks whose encoder differs from the
-    shared one (per-task overrides: EMR, SyMerge block mode) get one: for them encoder/ + heads/ is not the task's
-    model. Otherwise the shared encoder/ plus the small heads/ are the whole result (`task_model` rebuilds a
-    transformers classifier from them on demand). `task_models=True` writes every task, `False` none."""
-    if info.family != "hf_text" or info.task_models is False:
-        return []
-    if info.task_models:
-        return list(result.tasks)
-    return [t for t in result.tasks if result.task_overrides.get(t)]
-
-
 def write_files(result: MergeResult, root: Path, info: ExportInfo, metadata: dict[str, Any]) -> list[str]:
     tasks = list(result.tasks)
-    # encoder
-    if info.family == "hf_text":
-        from symerge.models.hf_text import save_encoder
-
-        save_encoder(result.encoder, result.encoder_state, root / "encoder")
-        if info.tokenizer is not None:
-            info.tokenizer.save_pretrained(root / "encoder")
-        encoder_entry = {"format": "hf", "path": "encoder"}
-    elif info.family == "clip":
-        model = result.encoder.to_hf(result.encoder_state)  # CLIPVisionEncoder -> CLIPVisionModelWithProjection
-        model.save_pretrained(root / "encoder")
-        if info.processor is not None:
-            info.processor.save_pretrained(root / "encoder")
-        encoder_entry = {"format": "hf", "path": "encoder", "normalize": info.normalize}
-    elif info.family == "state_dict":
-        save_tensors(result.encoder_state, root / "encoder.safetensors")
-        encoder_entry = {"format": "safetensors", "path": "encoder.safetensors"}
-    else:
-        raise ValidationError(f"unknown model family '{info.family}'")
-    # heads, overrides, adapters
+    family = get_family(info.family)
+    # encoder and heads: in the family's format
+    encoder_entry = family.write_encoder(result, root, info)
     (root / "heads").mkdir()
     for task in tasks:
-        head = result.heads[task]
-        if info.family == "clip":
-            from symerge.models.clip import save_head
-
-            save_head(head, root / "heads" / f"{task}.safetensors")
-        else:
-            save_tensors(head_state(head), root / "heads" / f"{task}.safetensors")
-        if info.family == "hf_text":
-            from symerge.models.hf_text import config_to_json
-
-            (root / "heads" / f"{task}.config.json").write_text(config_to_json(info.task_configs[task]) + "\n")
+        family.write_head(task, result.heads[task], root, info)
+    # overrides, adapters
     if result.task_overrides:
         (root / "overrides").mkdir()
         for task, state in result.task_overrides.items():
@@ -219,23 +108,9 @@ def write_files(result: MergeResult, root: Path, info: ExportInfo, metadata: dic
         save_tensors({"lambdas": result.lambdas.float()}, root / "lambdas.safetensors")
         (root / "lambdas.json").write_text(json.dumps({"rows": list(result.lambda_rows), "tasks": tasks}, indent=2) + "\n")
         lambdas_entry = {"file": "lambdas.safetensors", "names": "lambdas.json", "shape": list(result.lambdas.shape)}
-    # ready-to-use per-task classifiers
-    task_dirs: dict[str, str | None] = {t: None for t in tasks}
-    skipped = None
-    wanted = standalone_tasks(result, info)
-    if info.family == "hf_text" and result.adapters:
-        skipped = f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
-    elif wanted:
-        from symerge.models.hf_text import build_classifier, quiet_transformers
-
-        for task in wanted:
-            model = build_classifier(info.architecture, info.task_configs[task], result.encoder_params(task),
-                                     head_state(result.heads[task]))
-            with quiet_transformers():
-                model.save_pretrained(root / "tasks" / task)
-            if info.tokenizer is not None:
-                info.tokenizer.save_pretrained(root / "tasks" / task)
-            task_dirs[task] = f"tasks/{task}"
+    # ready-to-use per-task models (families that have them)
+    written, skipped = family.write_task_models(result, root, info)
+    task_dirs: dict[str, str | None] = {t: written.get(t) for t in tasks}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -308,35 +183,12 @@ def load(directory: str | Path, verify: bool = True) -> MergeResult:
     meta = read_metadata(root)
     if verify:
         verify_outputs(root, meta)
-    family = meta["family"]
     tasks = list(meta["tasks"])
-    if family == "hf_text":
-        from symerge.models.hf_text import _load_strict, config_from_json, empty_head, load_encoder
-
-        architecture = meta["architecture"]
-        encoder = load_encoder(root / meta["encoder"]["path"], architecture)
-        heads: dict[str, nn.Module] = {}
-        for task in tasks:
-            config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), encoder.config)
-            head = empty_head(architecture, config)
-            with torch.no_grad():
-                _load_strict(head, load_tensors(root / meta["tasks"][task]["head"], f"head of task '{task}'"), f"head of task '{task}'")
-            heads[task] = head.eval()
-    elif family == "clip":
-        from transformers import CLIPVisionModelWithProjection
-
-        from symerge.models.clip import CLIPVisionEncoder, load_head
-        from symerge.models.hf_text import quiet_transformers
-
-        with quiet_transformers():
-            model = CLIPVisionModelWithProjection.from_pretrained(str(root / meta["encoder"]["path"]))
-        encoder = CLIPVisionEncoder.from_hf(model.eval(), bool(meta["encoder"].get("normalize", True)))
-        heads = {t: load_head(root / meta["tasks"][t]["head"]).eval() for t in tasks}
-    elif family == "state_dict":
-        encoder = TensorStore(load_tensors(root / meta["encoder"]["path"], "merged encoder"))
-        heads = {t: TensorStore(load_tensors(root / meta["tasks"][t]["head"], f"head of task '{t}'")) for t in tasks}
-    else:
-        raise ValidationError(f"'{root}': unknown model family '{family}'")
+    try:
+        family = get_family(meta["family"])
+    except ValidationError:
+        raise ValidationError(f"'{root}': unknown model family '{meta['family']}'") from None
+    encoder, heads, tokenizer = family.load_result(root, meta)
     encoder_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     overrides = {t: load_tensors(root / e["encoder_override"], f"encoder override of task '{t}'")
                  for t, e in meta["tasks"].items() if e.get("encoder_override")}
@@ -345,11 +197,6 @@ def load(directory: str | Path, verify: bool = True) -> MergeResult:
     if meta.get("lambdas"):
         lambdas = load_tensors(root / meta["lambdas"]["file"], "λ")["lambdas"]
         rows = list(json.loads((root / meta["lambdas"]["names"]).read_text())["rows"])
-    tokenizer = None
-    if family == "hf_text":  # saved beside the encoder: predict(task, ["raw text"]) tokenises as the run did
-        from symerge.models.hf_text import load_tokenizer
-
-        tokenizer = load_tokenizer([str(root / meta["encoder"]["path"])])
     max_len = int(((meta.get("config") or {}).get("data") or {}).get("max_len") or 128)
     return MergeResult(
         method=meta["method"], tasks=tasks, encoder=encoder, encoder_state=encoder_state, heads=heads,
@@ -364,22 +211,17 @@ def task_model(directory: str | Path, task: str, verify: bool = True) -> nn.Modu
     standalone tasks/<task>/ when it was written, else rebuilt from encoder/ (+ the task's overrides) and its head."""
     root = Path(directory)
     meta = read_metadata(root)
-    if meta["family"] != "hf_text":
-        raise ValidationError(f"'{root}': task models exist for family 'hf_text' only, not '{meta['family']}'")
+    family = get_family(meta["family"])
+    if not family.task_models:
+        return family.task_model(root, meta, task, verify, load)  # raises: this family has no task models
     if task not in meta["tasks"]:
         raise ValidationError(f"unknown task '{task}'; '{root}' has {list(meta['tasks'])}")
     if meta["tasks"][task].get("adapter"):
         raise ValidationError(f"task '{task}' of '{root}' has a Surgery adapter, which has no transformers form; "
                               "use symerge.load")
-    from symerge.models.hf_text import build_classifier, config_from_json, load_classifier
-
-    if meta["tasks"][task].get("transformers_dir"):
-        if verify:
-            verify_outputs(root, meta, under=meta["tasks"][task]["transformers_dir"])
-        return load_classifier(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
-    result = load(root, verify=verify)
-    config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
-    return build_classifier(meta["architecture"], config, result.encoder_params(task), head_state(result.heads[task]))
+    if meta["tasks"][task].get("transformers_dir") and verify:
+        verify_outputs(root, meta, under=meta["tasks"][task]["transformers_dir"])
+    return family.task_model(root, meta, task, verify, load)
 
 
 def load_adapter(path: Path, task: str) -> nn.Module:

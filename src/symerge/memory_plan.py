@@ -79,6 +79,7 @@ class RunShape:
     adaptive: bool = True
     lambda_rows: int = 1  # rows of λ (merged tensors for granularity "tensor")
     experts_held: bool = True  # `symerge merge` keeps every loaded expert encoder until the run ends
+    tau_materialised: bool = True  # False: a separable static method streams τ one tensor at a time
 
     @property
     def num_tasks(self) -> int:
@@ -158,8 +159,11 @@ def plan_memory(model: ModelShape, run: RunShape) -> MemoryPlan:
         plan.resident["θ_pre fp32 copy (merged tensors)"] = model.merged_params * 4
     if run.experts_held:
         plan.resident[f"experts held by the pool ({k} encoders)"] = k * model.encoder_params * model.weight_bytes
-    plan.resident[f"τ ({k} × {model.merged_params / 1e6:.3g} M × {run.storage_dtype})"] = tau_bytes(
-        k, model.merged_params, run.storage_dtype)
+    if run.tau_materialised:
+        plan.resident[f"τ ({k} × {model.merged_params / 1e6:.3g} M × {run.storage_dtype})"] = tau_bytes(
+            k, model.merged_params, run.storage_dtype)
+    else:
+        plan.resident["τ streamed (one tensor's [K, block] at a time)"] = k * model.largest_tensor * 4
     heads = sum(run.head_params.values())
     if not run.adaptive:
         plan.resident["task heads"] = heads * 4
@@ -238,15 +242,16 @@ def meta_model(build: Any) -> Any:
 
 def data_samples(cfg: Any) -> dict[str, int]:
     """Adaptation inputs per task, counted from the data files (text rows or image files)."""
-    from symerge.pipeline import image_files, read_rows
+    from symerge.errors import FieldError
+    from symerge.models.families import get_family
 
+    family = get_family(cfg.model.family)
     counts = {}
     for task, value in cfg.data.adapt.items():
-        path = cfg.path(value)
-        if cfg.model.family == "hf_text":
-            counts[task] = len(read_rows(path, f"data.adapt.{task}", cfg))
-        else:
-            counts[task] = len(image_files(path))
+        try:
+            counts[task] = family.count_inputs(cfg, cfg.path(value), f"data.adapt.{task}")
+        except FieldError as err:
+            raise ValidationError(f"{cfg.source}: {err.field}: {err.why}") from None
     return counts
 
 
@@ -334,7 +339,8 @@ def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
     run = RunShape(
         tasks=cfg.tasks, samples=data_samples(cfg) if cfg.adaptive else {}, outputs=outputs, head_params=heads,
         batch_size=int(trainer.batch_size) if trainer else 0, storage_dtype=cfg.method.storage_dtype,
-        adaptive=cfg.adaptive, lambda_rows=lambda_rows(model, granularity), experts_held=True)
+        adaptive=cfg.adaptive, lambda_rows=lambda_rows(model, granularity), experts_held=True,
+        tau_materialised=cfg.adaptive or not separable(cfg.method.name))
     plan = plan_memory(model, run)
     if cfg.adaptive and cfg.model.family == "hf_text":
         plan.notes.append(f"activations assume every text fills data.max_len = {model.tokens} tokens (an upper "
@@ -348,6 +354,13 @@ def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
         plan.notes.append(f"device '{cfg.device}': τ, θ_pre, the graph and the trainable state live on the device; "
                           "this is the total of host and device memory.")
     return plan, model, run
+
+
+def separable(method: str) -> bool:
+    """Whether `symerge merge` runs a static method on the streaming engine (τ never stacked in full)."""
+    from symerge.merging import get_method
+
+    return bool(getattr(get_method(method), "separable", False))
 
 
 def lambda_rows(model: ModelShape, granularity: str) -> int:

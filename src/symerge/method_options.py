@@ -3,61 +3,20 @@
 Static methods declare their options as keyword-only parameters (`merging.registry`): the annotations give the
 types (checked with pydantic), and the method's own value checks run on a toy problem of the same number of tasks
 (a few 8 × 8 tensors), so `density: 7` fails in milliseconds instead of after loading the checkpoints. Adaptive
-methods declare theirs as constructor parameters (+ `build_trainer`'s keywords); their value domains are the
-adaptive package's own constants (`FILTER_RULES`, `GRANULARITIES`, ...).
+methods declare theirs as constructor parameters (+ `build_trainer`'s keywords) and their value checks when they
+register (`adaptive.registry.register_adaptive(..., checks=...)`); `build_trainer`'s keywords are checked here.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import pydantic
 import torch
 
 from symerge.errors import ValidationError
-
-
-class OptionError(ValidationError):
-    """A bad option; `option` names it (None: the options as a whole)."""
-
-    def __init__(self, option: str | None, why: str):
-        super().__init__(why)
-        self.option = option
-
-
-def declared_types(fn: Callable[..., Any], names: list[str]) -> dict[str, Any]:
-    """Resolved annotations of `fn`'s parameters `names` (Any where a parameter has none)."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - an unresolvable annotation is simply not type-checked
-        hints = {}
-    return {n: hints.get(n, Any) for n in names}
-
-
-def check_types(method: str, options: Mapping[str, Any], types: Mapping[str, Any]) -> dict[str, Any]:
-    """Each option validated (and coerced, e.g. a YAML list to a tuple) against its declared type."""
-    out = {}
-    for name, value in options.items():
-        adapter = pydantic.TypeAdapter(types.get(name, Any), config=pydantic.ConfigDict(arbitrary_types_allowed=True))
-        try:
-            out[name] = adapter.validate_python(value)
-        except pydantic.ValidationError as err:
-            expected = getattr(types.get(name), "__name__", None) or str(types.get(name)).replace("typing.", "")
-            raise OptionError(name, f"method '{method}': option '{name}': {value!r} is not a valid {expected} "
-                                    f"({err.errors()[0]['msg']})") from None
-    return out
-
-
-def blamed_option(message: str, options: Mapping[str, Any]) -> str | None:
-    """The option a method's error message is about (its name appears in the message), if any."""
-    for name in options:
-        if re.search(rf"\b{re.escape(name)}\b", message):
-            return name
-    return None
+from symerge.option_types import OptionError, blamed_option, check_types, declared_types  # noqa: F401 - re-exported
 
 
 # --- static methods ------------------------------------------------------------------------------------------------
@@ -98,10 +57,11 @@ NOT_OPTIONS = ("self", "merged", "heads", "feature_dim")
 
 def adaptive_declared(method: str) -> dict[str, Any]:
     """Option name -> declared type: the method class's constructor (up the class chain) and `build_trainer`."""
-    from symerge.adaptive import ADAPTIVE_METHODS, build_trainer
+    from symerge.adaptive import build_trainer
+    from symerge.adaptive.registry import get_adaptive
 
     types: dict[str, Any] = {}
-    for cls in ADAPTIVE_METHODS[method].__mro__:
+    for cls in get_adaptive(method).cls.__mro__:
         init = cls.__dict__.get("__init__")
         if init is None or cls is torch.nn.Module or cls is object:
             continue
@@ -112,38 +72,29 @@ def adaptive_declared(method: str) -> dict[str, Any]:
     return {**types, **declared_types(build_trainer, list(common))}
 
 
-def adaptive_value_checks() -> dict[str, Callable[[Any, int], None]]:
-    """Value domains of adaptive options, from the adaptive package's own constants and parsers."""
+def adaptive_value_checks(method: str) -> dict[str, Callable[[Any, int], None]]:
+    """Value checks of an adaptive method's options: `build_trainer`'s keywords (here) and the method's own (declared
+    when it registered)."""
     from symerge.adaptive import resolve_init
     from symerge.adaptive.base import TASK_KINDS
     from symerge.adaptive.merged_encoder import GRANULARITIES
-    from symerge.adaptive.objectives import FILTER_RULES, LABEL_TYPES
-    from symerge.adaptive.symerge_method import parse_task_layer
-
-    def one_of(choices: tuple[str, ...]) -> Callable[[Any, int], None]:
-        def check(value: Any, _: int) -> None:
-            if value is not None and value not in choices:
-                raise ValueError(f"must be one of {list(choices)}, got {value!r}")
-        return check
+    from symerge.adaptive.registry import get_adaptive, one_of
 
     def clamp(value: Any, _: int) -> None:
         if value is not None and not value[0] <= value[1]:
             raise ValueError(f"must be [low, high] with low ≤ high, got {list(value)}")
-
-    def positive(value: Any, _: int) -> None:
-        if not value > 0:
-            raise ValueError(f"must be > 0, got {value!r}")
 
     def kinds(value: Any, _: int) -> None:
         for task, kind in (value or {}).items():
             if kind not in TASK_KINDS:
                 raise ValueError(f"task '{task}': kind must be one of {list(TASK_KINDS)}, got {kind!r}")
 
-    return {
-        "filter_rule": one_of(FILTER_RULES), "labels": one_of(LABEL_TYPES), "granularity": one_of(GRANULARITIES),
-        "init": lambda value, k: resolve_init(value, k) and None, "clamp": clamp, "temperature": positive,
-        "rank": positive, "task_layer": lambda value, _: parse_task_layer(value) and None, "task_kinds": kinds,
-    }
+    def per_value(check: Callable[[Any], None]) -> Callable[[Any, int], None]:
+        return lambda value, _: check(value)
+
+    common = {"granularity": per_value(one_of(GRANULARITIES)), "init": lambda value, k: resolve_init(value, k) and None,
+              "clamp": clamp, "task_kinds": kinds}
+    return {**common, **{name: per_value(check) for name, check in get_adaptive(method).checks.items()}}
 
 
 def check_adaptive_options(method: str, options: Mapping[str, Any], num_tasks: int) -> dict[str, Any]:
@@ -153,7 +104,7 @@ def check_adaptive_options(method: str, options: Mapping[str, Any], num_tasks: i
     if unknown:
         raise OptionError(unknown[0], f"method '{method}' has no option '{unknown[0]}'; valid options: {sorted(types)}")
     typed = check_types(method, options, types)
-    checks = adaptive_value_checks()
+    checks = adaptive_value_checks(method)
     for name, value in typed.items():
         if name in checks:
             try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from symerge.errors import ValidationError
+from symerge.errors import ValidationError, subject
 from symerge.taskvectors import TaskVectors
 from symerge.validation import StateDict, check_finite, check_same_layout, check_task_names, validate_state_dicts
 
@@ -68,14 +68,15 @@ class ModelPool:
         encoders: dict[str, dict[str, Tensor]] = {}
         heads: dict[str, dict[str, Tensor]] = {}
         for task, model in pairs:
-            state = as_state_dict(model, f"expert '{task}'")
-            extra = [k for k in state if k not in base and not is_head_key(k, head_prefixes)]
-            if extra:
-                raise ValidationError(f"expert '{task}': unexpected tensor '{extra[0]}' not in the pretrained model")
-            encoders[task] = {k: state[k] for k in enc_keys if k in state}
-            heads[task] = {k: v for k, v in state.items() if is_head_key(k, head_prefixes)}
-            if head_prefixes and not heads[task]:
-                raise ValidationError(f"expert '{task}': no head tensor under prefixes {list(head_prefixes)}")
+            with subject("expert", task):
+                state = as_state_dict(model, f"expert '{task}'")
+                extra = [k for k in state if k not in base and not is_head_key(k, head_prefixes)]
+                if extra:
+                    raise ValidationError(f"expert '{task}': unexpected tensor '{extra[0]}' not in the pretrained model")
+                encoders[task] = {k: state[k] for k in enc_keys if k in state}
+                heads[task] = {k: v for k, v in state.items() if is_head_key(k, head_prefixes)}
+                if head_prefixes and not heads[task]:
+                    raise ValidationError(f"expert '{task}': no head tensor under prefixes {list(head_prefixes)}")
         return cls.from_parts({k: base[k] for k in enc_keys}, encoders, heads, num_classes)
 
     @classmethod
@@ -104,7 +105,8 @@ class ModelPool:
             if task not in self.experts:
                 raise ValidationError(f"head given for unknown task '{task}'; tasks: {self.tasks}")
         for task, head in self.heads.items():
-            check_finite(head, f"head of task '{task}'")
+            with subject("expert", task):
+                check_finite(head, f"head of task '{task}'")
         for task, classes in self.num_classes.items():
             if task not in self.experts:
                 raise ValidationError(f"num_classes given for unknown task '{task}'; tasks: {self.tasks}")
@@ -113,9 +115,11 @@ class ModelPool:
             width = head_width(self.heads[task])
             if width != classes:
                 last = [k for k, t in self.heads[task].items() if t.dim() >= 1][-1]
-                raise ValidationError(
+                err = ValidationError(
                     f"task '{task}': head tensor '{last}' has output width {width}, but {classes} classes are declared"
                 )
+                err.about, err.task = "class_names", task
+                raise err
 
     def task_vectors(self, dtype: torch.dtype | str = torch.float32, keys: Iterable[str] | None = None) -> TaskVectors:
         """Stacked τ over the encoder (already validated, so no second check)."""

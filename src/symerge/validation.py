@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from symerge.errors import ValidationError
+from symerge.errors import ValidationError, subject
 
 StateDict = Mapping[str, Tensor]
 
@@ -90,10 +90,12 @@ def validate_state_dicts(
             raise ValidationError(f"pretrained: missing tensor '{key}'")
         if not isinstance(pretrained[key], Tensor):
             raise ValidationError(f"pretrained: entry '{key}' is a {type(pretrained[key]).__name__}, not a tensor")
-    check_finite(pretrained, "pretrained", key_list)
+    with subject("pretrained"):
+        check_finite(pretrained, "pretrained", key_list)
     for task, state in experts.items():
         owner = f"expert '{task}'"
-        if not isinstance(state, Mapping):
-            raise ValidationError(f"{owner}: expected a state dict, got {type(state).__name__}")
-        check_same_layout(pretrained, state, owner, key_list)
-        check_finite(state, owner, key_list)
+        with subject("expert", task):
+            if not isinstance(state, Mapping):
+                raise ValidationError(f"{owner}: expected a state dict, got {type(state).__name__}")
+            check_same_layout(pretrained, state, owner, key_list)
+            check_finite(state, owner, key_list)

@@ -2,6 +2,8 @@
 
     result = adapt("symerge", encoder, heads, task_vectors, unlabeled_inputs, config=TrainerConfig(regime="nlp"))
     logits = result.predict("task_a", inputs)
+
+The methods register themselves (`registry.register_adaptive`); importing this package imports the built-in ones.
 """
 
 from __future__ import annotations
@@ -13,35 +15,27 @@ import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.adamerging import AdaMerging
-from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.config import REGIMES, TrainerConfig
 from symerge.adaptive.distributed import ensure_process_group, rank_device
 from symerge.adaptive.experts import ExpertCache, compute_expert_cache
 from symerge.adaptive.fingerprint import run_fingerprint
-from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder, default_init
+from symerge.adaptive.registry import adaptive_methods, get_adaptive, register_adaptive
 from symerge.adaptive.surgery import Surgery
 from symerge.adaptive.symerge_method import SyMerge
-from symerge.adaptive.finish import finish
 from symerge.adaptive.trainer import Trainer
+from symerge.batching import Inputs
 from symerge.devices import module_on
 from symerge.errors import ValidationError
 from symerge.result import MergeResult
 from symerge.taskvectors import TaskVectors
 
-ADAPTIVE_METHODS: dict[str, type[AdaptiveMethod]] = {"adamerging": AdaMerging, "surgery": Surgery, "symerge": SyMerge}
-DEFAULT_GRANULARITY = {"adamerging": "tensor", "surgery": "task", "symerge": "tensor"}
-
 __all__ = [
-    "adapt", "build_trainer", "adaptive_methods", "TrainerConfig", "REGIMES", "ExpertCache", "MergedEncoder",
-    "compute_expert_cache", "Trainer", "AdaMerging", "Surgery", "SyMerge",
+    "adapt", "build_trainer", "adaptive_methods", "register_adaptive", "TrainerConfig", "REGIMES", "ExpertCache",
+    "MergedEncoder", "compute_expert_cache", "Trainer", "AdaMerging", "Surgery", "SyMerge",
 ]
 
 LambdaInit = float | Tensor | MergeResult | str | None
-
-
-def adaptive_methods() -> list[str]:
-    return sorted(ADAPTIVE_METHODS)
 
 
 def resolve_init(init: LambdaInit, num_tasks: int) -> float | Tensor:
@@ -76,10 +70,9 @@ def build_trainer(
     **method_options: Any,
 ) -> Trainer:
     """Set up an adaptive method (expert outputs computed once here, unless `cache` is given) and its trainer."""
-    if method not in ADAPTIVE_METHODS:
-        raise ValidationError(f"unknown adaptive method '{method}'; available: {adaptive_methods()}")
+    spec = get_adaptive(method)
     cfg = config if isinstance(config, TrainerConfig) else TrainerConfig(**(config or {}))
-    cfg = cfg.resolved(coefficients_only=(method == "adamerging"))
+    cfg = cfg.resolved(coefficients_only=spec.coefficients_only)
     cfg = cfg.model_copy(update={"device": rank_device(cfg.device)})
     ensure_process_group(cfg.device)  # under torchrun: join the group (data-parallel adaptation)
     missing = [t for t in task_vectors.tasks if t not in inputs]
@@ -87,25 +80,21 @@ def build_trainer(
         raise ValidationError(f"no adaptation inputs for task '{missing[0]}'")
     torch.manual_seed(cfg.seed)
     lambda_init = resolve_init(init, task_vectors.num_tasks)
-    chosen_granularity = granularity or DEFAULT_GRANULARITY[method]
+    chosen_granularity = granularity or spec.granularity
     merged = MergedEncoder(encoder, task_vectors, granularity=chosen_granularity, init=lambda_init, clamp=clamp).to(cfg.device)
     heads_on_device = {t: module_on(h, cfg.device) for t, h in heads.items()}  # the caller's heads stay where they are
     if cache is None:
         cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress,
                                      cfg.precision)
-    cls = ADAPTIVE_METHODS[method]
     options = dict(method_options)
-    if cls is Surgery:
-        first = cache.features[task_vectors.tasks[0]]
-        options.setdefault("feature_dim", int(first.shape[1] if first.dim() == 4 else first.shape[-1]))
     try:
-        adaptive = cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
+        adaptive = spec.cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
     except TypeError as err:
         raise ValidationError(f"adaptive method '{method}': {err}") from None
     fingerprint = None
     if cfg.checkpoint_path is not None:  # only a checkpointed run needs one (it hashes every weight once)
         fingerprint = run_fingerprint(
-            method=method, options={k: v for k, v in options.items() if k != "feature_dim"}, config=cfg,
+            method=method, options=options, config=cfg,
             tasks=list(task_vectors.tasks), task_kinds=adaptive.task_kinds, granularity=chosen_granularity, clamp=clamp,
             init=lambda_init, inputs=inputs, pretrained=task_vectors.pretrained, task_vectors=task_vectors.vectors,
             heads=heads,
@@ -124,4 +113,4 @@ def adapt(
     """Run an adaptive method end to end and return its `MergeResult` (see `build_trainer` for options)."""
     trainer = build_trainer(method, encoder, heads, task_vectors, inputs, **kwargs)
     trainer.run()
-    return finish(trainer)
+    return trainer.result()

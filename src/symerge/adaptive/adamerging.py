@@ -9,12 +9,13 @@ from torch import Tensor
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs
+from symerge.batching import Inputs
 from symerge.adaptive.objectives import LossTerm, entropy_loss
+from symerge.adaptive.registry import register_adaptive
 
 
+@register_adaptive("adamerging", granularity="tensor", coefficients_only=True)
 class AdaMerging(AdaptiveMethod):
-    name = "adamerging"
 
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         return [{"params": [self.merged.lambdas], "lr": lr}]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs
+from symerge.batching import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.adaptive.objectives import LossTerm
 from symerge.errors import ValidationError

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.distributed import current_world, gather_rows, shard_range, sum_scalars
-from symerge.adaptive.inputs import Inputs, batch_indices, encode_all, num_samples, take
+from symerge.batching import Inputs, batch_indices, encode_all, num_samples, take
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.devices import autocast, module_on
 

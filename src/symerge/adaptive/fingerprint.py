@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.adaptive.config import TrainerConfig
-from symerge.adaptive.inputs import Inputs
+from symerge.batching import Inputs
 
 # Trainer fields that change how (or where) a run executes, not what it computes.
 EXECUTION_ONLY = {"device", "progress", "log_every", "checkpoint_every", "checkpoint_path", "resume", "expert_batch_size"}

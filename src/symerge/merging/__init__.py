@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from symerge.merging.ops import MergedSink
 from symerge.merging.registry import Delta, MethodSpec, PerTaskDelta, available_methods, get_method, register
-from symerge.taskvectors import StateDictTau, TaskVectors, resolve_dtype
+from symerge.merging.stream import MergedSink, StateDictTau
+from symerge.taskvectors import TaskVectors, resolve_dtype
 from symerge.validation import StateDict, validate_state_dicts
 
 # Importing the method modules registers them.

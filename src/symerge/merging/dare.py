@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from symerge.errors import ValidationError
-from symerge.merging.ops import block_ranges, keep_mask, random_drop
+from symerge.merging.ops import keep_mask, random_drop
 from symerge.merging.registry import register_stream
+from symerge.merging.stream import KeyTau, TauSource, block_ranges, round_to_storage
 from symerge.merging.task_arithmetic import task_arithmetic_stream
 from symerge.merging.ties import check_ties_options, ties_stream
-from symerge.taskvectors import KeyTau, TaskVectors, TauSource, round_to_storage
+from symerge.taskvectors import TaskVectors
 
 
 def check_drop_rate(drop_rate: float) -> None:

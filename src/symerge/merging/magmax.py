@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from symerge.merging.ops import run_blockwise
+from symerge.merging.stream import run_blockwise
 from symerge.merging.registry import Delta, register
 from symerge.taskvectors import TaskVectors
 

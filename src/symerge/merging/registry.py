@@ -7,7 +7,7 @@ A method is a pure function `fn(tv: TaskVectors, **options) -> dict[str, Tensor]
 A method that is *separable* — Δ of a tensor needs only that tensor's τ, plus at most a few scalars gathered in an
 earlier pass (e.g. global TIES thresholds) — can also register `stream=fn_stream`, with the same options:
 `fn_stream(source: TauSource, sink, **options)` reads τ tensor by tensor (block by block) and writes Δ into the sink
-(see `merging.ops`). `merge()` then runs it straight on the state dicts and never materialises the stacked task
+(see `merging.stream`). `merge()` then runs it straight on the state dicts and never materialises the stacked task
 vectors; `fn` should produce the same Δ (`register_stream` derives it from the stream form).
 """
 
@@ -52,7 +52,7 @@ class MethodSpec:
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Defaults overridden by `options`; an unknown option, or one not of its declared type (the parameter's
         annotation, e.g. `scaling_coef="x"`), raises naming it."""
-        from symerge.method_options import check_types, declared_types
+        from symerge.option_types import check_types, declared_types
 
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
@@ -86,7 +86,7 @@ def register(name: str, per_task: bool = False, stream: MergeFn | None = None) -
 def register_stream(name: str, stream: MergeFn, doc: str) -> MergeFn:
     """Register a separable method from its stream form alone: `fn(tv, **options)` is derived (the stream run over
     every tensor of `tv`), so the options are declared once, as the stream's keyword-only parameters."""
-    from symerge.merging.ops import stream_delta
+    from symerge.merging.stream import stream_delta
 
     def fn(tv: Any, **options: Any) -> Delta:
         return stream_delta(stream, tv, **options)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from symerge.merging.ops import run_blockwise
 from symerge.merging.registry import register_stream
-from symerge.taskvectors import TauSource
+from symerge.merging.stream import TauSource, run_blockwise
 
 
 def task_arithmetic_stream(source: TauSource, sink, *, scaling_coef: float = 0.3) -> None:

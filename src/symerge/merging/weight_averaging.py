@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from symerge.merging.ops import run_blockwise
 from symerge.merging.registry import register_stream
-from symerge.taskvectors import TauSource
+from symerge.merging.stream import TauSource, run_blockwise
 
 
 def weight_averaging_stream(source: TauSource, sink) -> None:

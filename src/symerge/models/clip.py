@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from symerge.errors import ValidationError
+from symerge.errors import ValidationError, subject
 from symerge.pool import ModelPool, as_state_dict, head_width
 from symerge.validation import check_same_layout, check_task_names
 
@@ -586,15 +586,17 @@ def load_clip_pool(
             raise ValidationError(f"task '{task}': no head and no class names to build a zero-shot head from")
         if task in given and task in class_names:
             _check_head_classes(task, given[task], class_names[task])
-    clip = load_clip_model(pretrained)
-    encoder = CLIPVisionEncoder.from_hf(clip, normalize)
+    with subject("pretrained"):
+        clip = load_clip_model(pretrained)
+        encoder = CLIPVisionEncoder.from_hf(clip, normalize)
     base = {k: v.detach() for k, v in encoder.state_dict().items()}
     projection = base["visual_projection.weight"]
     experts: dict[str, dict[str, Tensor]] = {}
     for task in tasks:
-        state = load_clip_expert(expert_dirs[task], projection, task)
-        owner = f"expert '{task}'" + ("" if isinstance(expert_dirs[task], nn.Module) else f" ('{expert_dirs[task]}')")
-        _check_architecture(base, state, owner)
+        with subject("expert", task):
+            state = load_clip_expert(expert_dirs[task], projection, task)
+            owner = f"expert '{task}'" + ("" if isinstance(expert_dirs[task], nn.Module) else f" ('{expert_dirs[task]}')")
+            _check_architecture(base, state, owner)
         experts[task] = {k: v.to(base[k].dtype) for k, v in state.items()}
     out_heads: dict[str, nn.Module] = {}
     for task in tasks:
@@ -655,11 +657,12 @@ def load_converted_pool(
     encoder = CLIPVisionEncoder.from_state(base_state, config, normalize, owner=str(root / pretrained_file))
     experts = {}
     for task in chosen:
-        state, expert_config = hf_state(manifest["experts"][task])
-        if expert_config != config:
-            diff = sorted(k for k in config if config.get(k) != expert_config.get(k))
-            raise ValidationError(f"expert '{task}': architecture differs from the pretrained model ({diff[0]}: "
-                                  f"{expert_config.get(diff[0])} vs {config.get(diff[0])})")
+        with subject("expert", task):
+            state, expert_config = hf_state(manifest["experts"][task])
+            if expert_config != config:
+                diff = sorted(k for k in config if config.get(k) != expert_config.get(k))
+                raise ValidationError(f"expert '{task}': architecture differs from the pretrained model ({diff[0]}: "
+                                      f"{expert_config.get(diff[0])} vs {config.get(diff[0])})")
         experts[task] = state
     heads = {t: load_head(root / manifest["heads"][t]) for t in chosen}
     pool = ModelPool.from_parts(encoder.state_dict(), experts, heads)

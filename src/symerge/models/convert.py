@@ -17,7 +17,6 @@ end: a refused (e.g. malicious) or corrupt pickle leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -29,18 +28,11 @@ from torch import Tensor
 
 from symerge.atomic import atomic_directory, prepare_output_dir
 from symerge.errors import ValidationError
+from symerge.hashing import sha256_file
 from symerge.models.safe_pickle import InertObject, extract_state_dict, is_module, module_classes, safe_load
 
 FORMAT = "symerge.convert/1"
 MANIFEST = "convert.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_task_vectors_files(src_dir: str | os.PathLike) -> dict[str, Any]:

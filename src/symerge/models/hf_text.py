@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from symerge.errors import ValidationError
+from symerge.errors import ValidationError, subject
 from symerge.pool import ModelPool
 from symerge.taskvectors import TaskVectors
+from symerge.tensorio import check_safetensors_file  # noqa: F401 - re-exported (was defined here)
 from symerge.validation import check_task_names
 
 FEATURES = ("pooled", "first_token")
@@ -197,19 +198,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def check_safetensors_file(path: Path, owner: str) -> None:
-    """Open the header (cheap): garbage or a truncated file is reported by name instead of failing mid-load."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for every corruption
-        raise ValidationError(f"{owner}: '{path}' is not a valid safetensors file (corrupt or truncated): {err}") from None
-    if not keys:
-        raise ValidationError(f"{owner}: '{path}' holds no tensors")
 
 
 def resolve_source(source: str | Path, owner: str) -> str:
@@ -401,37 +389,44 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
     tasks = check_task_names(experts.keys())
     if len(tasks) < 2:
         raise ValidationError(f"a pool needs at least two experts, got {len(tasks)} ({tasks})")
-    pre_source = resolve_source(pretrained, "pretrained")
-    sources = {t: resolve_source(experts[t], f"expert '{t}'") for t in tasks}
+    with subject("pretrained"):
+        pre_source = resolve_source(pretrained, "pretrained")
+    sources = {}
+    for t in tasks:
+        with subject("expert", t):
+            sources[t] = resolve_source(experts[t], f"expert '{t}'")
 
     from tqdm.auto import tqdm
 
     models: dict[str, nn.Module] = {}
     for task in tqdm(tasks, desc="load experts", unit="model", disable=None if progress else True):  # None: TTY only
         owner = f"expert '{task}'"
-        config = read_config(sources[task], owner)
-        declared = list(getattr(config, "architectures", None) or [])
-        if declared and not any(a.endswith("ForSequenceClassification") for a in declared):
-            raise ValidationError(f"{owner}: '{sources[task]}' holds a {declared[0]}, not a sequence classifier "
-                                  f"(supported: {supported_architectures()})")
-        if declared and declared[0] not in ARCHITECTURES:
-            head_spec(declared[0])  # raises, naming the architecture
-        models[task] = load_classifier(sources[task], owner, dtype=dtype)
+        with subject("expert", task):
+            config = read_config(sources[task], owner)
+            declared = list(getattr(config, "architectures", None) or [])
+            if declared and not any(a.endswith("ForSequenceClassification") for a in declared):
+                raise ValidationError(f"{owner}: '{sources[task]}' holds a {declared[0]}, not a sequence classifier "
+                                      f"(supported: {supported_architectures()})")
+            if declared and declared[0] not in ARCHITECTURES:
+                head_spec(declared[0])  # raises, naming the architecture
+            models[task] = load_classifier(sources[task], owner, dtype=dtype)
     first = tasks[0]
     architecture = type(models[first]).__name__
     for task in tasks[1:]:
         other = type(models[task]).__name__
         if other != architecture:
-            raise ValidationError(f"expert '{task}' is a {other}, but expert '{first}' is a {architecture}: "
-                                  "experts must share one architecture")
+            with subject("expert", task):
+                raise ValidationError(f"expert '{task}' is a {other}, but expert '{first}' is a {architecture}: "
+                                      "experts must share one architecture")
 
     cls = type(models[first])
-    pre_config = read_config(pre_source, "pretrained")
-    if pre_config.model_type != models[first].config.model_type:
-        raise ValidationError(f"pretrained '{pre_source}' is a '{pre_config.model_type}' model, but the experts are "
-                              f"'{models[first].config.model_type}' ({architecture})")
-    pretrained_model = load_classifier(pre_source, "pretrained", cls=cls, config=pre_config, allow_missing_head=True,
-                                       dtype=dtype)
+    with subject("pretrained"):
+        pre_config = read_config(pre_source, "pretrained")
+        if pre_config.model_type != models[first].config.model_type:
+            raise ValidationError(f"pretrained '{pre_source}' is a '{pre_config.model_type}' model, but the experts "
+                                  f"are '{models[first].config.model_type}' ({architecture})")
+        pretrained_model = load_classifier(pre_source, "pretrained", cls=cls, config=pre_config,
+                                           allow_missing_head=True, dtype=dtype)
     encoder, _ = split_classifier(pretrained_model)
     heads: dict[str, SequenceClassificationHead] = {}
     expert_encoders: dict[str, dict[str, Tensor]] = {}

@@ -105,18 +105,13 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     tasks_rows = [[t["name"], str(t["num_classes"]), str(t.get("n_train", "")), str(t.get("n_val", "")),
                    str(t.get("n_adapt", "")), str(t.get("n_test", ""))] for t in report["tasks"]]
     sections += ["## Tasks", table(["task", "classes", "train", "val", "adapt", "test"], tasks_rows)]
-    curve = curve_table(report)
-    if curve:
-        sections += ["## Quality vs adaptation iterations", curve]
-    cross = cross_task_section(report)
-    if cross:
-        sections += ["## Cross-task matrix", cross]
-    gap = gap_closed_section(report)
-    if gap:
-        sections += ["## Gap closed", gap]
-    transfer = transfer_section(report)
-    if transfer:
-        sections += ["## Head transfer (SyMerge heads on other merged encoders)", transfer]
+    optional = (("Quality vs adaptation iterations", curve_table), ("Cross-task matrix", cross_task_section),
+                ("Gap closed", gap_closed_section),
+                ("Head transfer (SyMerge heads on other merged encoders)", transfer_section))
+    for title, section in optional:  # each only when the report has its data
+        body = section(report)
+        if body:
+            sections += [f"## {title}", body]
     if plots:
         sections += ["## Plots"] + [f"![{name}]({path})" for name, path in plots.items()]
     if report.get("notes"):  # suite-specific remarks (e.g. the vision suite's BatchNorm handling)

@@ -14,18 +14,18 @@ normals), paper §3.1.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.devices import RunsOn
-from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.suites.base import ExpertJob, SuiteConfig, fine_tune_experts, run_and_report
+from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, TaskData, known_names
 
 TASKS = ["segmentation", "depth", "normals"]
@@ -51,15 +51,13 @@ def dense_task_names() -> list[str]:
     return list(TASKS)
 
 
-class DenseSuiteConfig(RunsOn):
+class DenseSuiteConfig(SuiteConfig):
     """Everything that defines a dense-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("dense task", dense_task_names)] = Field(default_factory=lambda: list(TASKS))
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    protocol: Literal["held-out", "transductive"] = "held-out"
-    seed: int = 0
     n_train: int = 1200
     n_adapt: int = 2400
     n_val: int = 40
@@ -69,7 +67,6 @@ class DenseSuiteConfig(RunsOn):
     adapt: AdaptSettings = Field(default_factory=default_adapt)
     decoder_hidden: int = Field(default=256, ge=1, description="channels of each task decoder's hidden layers")
     figure_scenes: int = 4
-    quick: bool = False
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> "DenseSuiteConfig":
@@ -129,23 +126,18 @@ def build_dense_benchmark(
     from symerge.models.dense import decoder_for
 
     encoder = encoder.eval()
-    model_hash = hash_tensors(encoder.state_dict())
     in_channels = int(getattr(encoder, "feature_dim"))
     mean_depth = float(splits["train"]["depth"].mean())
-    datas: dict[str, TaskData] = {}
-    heads, experts, info = {}, {}, {"experts": {}, "finetune": {}}
-    for index, task in enumerate(cfg.tasks):
-        ft = FinetuneConfig(**cfg.expert, freeze_batchnorm=True, seed=cfg.seed,
-                            loss="cross_entropy" if task == "segmentation" else "l1")
-        decoder = decoder_for(task, len(SEG_CLASSES), cfg.seed * 1000 + index, in_channels, mean_depth,
-                              cfg.decoder_hidden)
-        expert = cached_expert(cache_dir, encoder, model_hash, decoder, splits["train"]["inputs"],
-                               splits["train"][task], ft, cfg.device, desc=f"expert {task}", progress=progress)
-        log(f"expert {task}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
-        datas[task], heads[task], experts[task] = dense_task_data(task, splits), expert.head, expert.encoder_state
-        info["experts"][task] = {"seconds": expert.seconds, "cached": expert.cached}
-        info["finetune"][task] = ft.as_dict()
-    return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=datas), info
+
+    def jobs() -> Iterator[ExpertJob]:
+        for index, task in enumerate(cfg.tasks):
+            ft = FinetuneConfig(**cfg.expert, freeze_batchnorm=True, seed=cfg.seed,
+                                loss="cross_entropy" if task == "segmentation" else "l1")
+            decoder = decoder_for(task, len(SEG_CLASSES), cfg.seed * 1000 + index, in_channels, mean_depth,
+                                  cfg.decoder_hidden)
+            yield ExpertJob(dense_task_data(task, splits), decoder, splits["train"]["inputs"], splits["train"][task], ft)
+
+    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress, per_task_finetune=True)
 
 
 # --- what the dense report adds ------------------------------------------------------------------------------------
@@ -194,8 +186,6 @@ def run_dense_suite(
     `SceneSources`.
     """
     from symerge.data.fetch import cache_root
-    from symerge.report.writer import build_report, write_report
-    from symerge.suites.runner import run_methods
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -215,17 +205,13 @@ def run_dense_suite(
     data_seconds = time.perf_counter() - start
     log(f"dense suite: tasks {cfg.tasks}, protocol {cfg.protocol}, {model_name}; scenes ready in {data_seconds:.0f}s")
     bench, info = build_dense_benchmark(cfg, encoder, splits, cache_root() / "experts" / "dense", log, progress)
-    outcomes = run_methods(bench, cfg.methods, cfg.protocol,
-                           cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
-                           progress=progress, log=log)
-    figure = prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device)
-    report = build_report("dense", cfg.protocol, cfg.seed, bench, outcomes, {}, config=cfg.model_dump(mode="json"),
-                          extra={**info, "model": model_name, "data_seconds": data_seconds,
-                                 "gap_closed": {"baseline": "task_arithmetic", "methods": gap_closed_table(outcomes)},
-                                 "notes": DENSE_NOTES, "total_seconds": time.perf_counter() - start},
-                          metrics_per_task=True)
-    write_report(report, outcomes, out_dir, figures={"predictions on test scenes": ("predictions.png", figure)})
-    return report
+    return run_and_report("dense", cfg, bench, out_dir, lambda outcomes: {
+        **info, "model": model_name, "data_seconds": data_seconds,
+        "gap_closed": {"baseline": "task_arithmetic", "methods": gap_closed_table(outcomes)},
+        "notes": DENSE_NOTES, "total_seconds": time.perf_counter() - start}, progress=progress, log=log,
+        figures=lambda outcomes: {"predictions on test scenes": (
+            "predictions.png", prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device))},
+        metrics_per_task=True)
 
 
 DENSE_NOTES = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from symerge.adaptive.inputs import Inputs, num_samples, take
+from symerge.batching import Inputs, num_samples, take
 from symerge.evaluation.cross_task import cross_task_matrices, off_diagonal_mean
 from symerge.evaluation.metrics import mean, normalized
-from symerge.suites.runner import Benchmark, MethodOutcome, evaluate
+from symerge.suites.runner import Benchmark, MethodOutcome, primary_scores
 
 
 def first_samples(inputs: Inputs, n: int) -> Inputs:
@@ -39,7 +39,7 @@ def run_diagnostics(
             if name not in outcomes:
                 continue
             swapped = outcomes[name].result.with_heads(head_sets["symerge"], method=f"{name}+symerge_heads")
-            accs = evaluate(swapped, bench, device)[0]
+            accs = primary_scores(swapped, bench, device)
             transfer[name] = {
                 "original_heads": {"average": mean(outcomes[name].per_task),
                                    "normalized_average": mean(normalized(outcomes[name].per_task, reference))},

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from symerge.adaptive.inputs import Inputs, num_samples, take
-from symerge.adaptive.sampling import TaskSampler, token_lengths
+from symerge.batching import Inputs, num_samples, take
+from symerge.sampling import TaskSampler, token_lengths
 from symerge.atomic import atomic_directory
 
 

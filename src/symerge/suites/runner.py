@@ -1,8 +1,8 @@
 """Run a list of merge methods on one benchmark and evaluate them the same way (shared by every suite).
 
-A benchmark is a pretrained encoder, each task's expert (fine-tuned encoder tensors + head) and per-task data:
-unlabeled adaptation inputs, labeled test data, and a small labeled validation split (used only by
-`task_arithmetic_val`, which picks λ on it, the TALL-masks protocol).
+A benchmark is the model pool — a pretrained encoder, each task's expert (fine-tuned encoder tensors + head) — and
+the task pool (`suites.tasks.TaskPool`): per task unlabeled adaptation inputs, labeled test data, a small labeled
+validation split (used only by `task_arithmetic_val`, which picks λ on it, the TALL-masks protocol) and a scorer.
 """
 
 from __future__ import annotations
@@ -11,46 +11,29 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from symerge.adaptive import TrainerConfig, build_trainer, compute_expert_cache
 from symerge.adaptive.experts import ExpertCache
-from symerge.adaptive.finish import finish
-from symerge.adaptive.inputs import Inputs
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.devices import DeviceName, Precision
+from symerge.adaptive.registry import adaptive_methods, is_adaptive
+from symerge.batching import Inputs
 from symerge.errors import ValidationError
-from symerge.evaluation.metrics import TaskScore, classification_score, mean, normalized
+from symerge.evaluation.metrics import TaskScore, mean, normalized
 from symerge.merging import available_methods, merge_delta
 from symerge.merging.registry import PerTaskDelta
 from symerge.result import MergeResult
 from symerge.suites.memory import track
+from symerge.suites.tasks import TaskData, TaskPool
 from symerge.taskvectors import TaskVectors
 
-ADAPTIVE = ("adamerging", "surgery", "symerge")
+__all__ = ["AdaptSettings", "Benchmark", "MethodOutcome", "TaskData", "TaskPool", "run_methods", "known_methods"]
+
 SPECIAL = ("pretrained", "individual", "task_arithmetic_val")
 MERGED_BASELINES_EXCLUDED = ("pretrained", "individual")
 PostMerge = Callable[[MergeResult], MergeResult]  # optional step applied to every merged result before evaluation
-
-
-@dataclass
-class TaskData:
-    name: str
-    class_names: list[str]
-    adapt: Inputs
-    test: Inputs
-    test_labels: Tensor
-    val: Inputs
-    val_labels: Tensor
-    sizes: dict[str, int] = field(default_factory=dict)
-    scorer: Callable[[Tensor, Tensor], TaskScore] = classification_score  # (outputs, labels) -> TaskScore
-    objective: str = "classification"  # what adaptive objectives treat the outputs as ("regression": L1)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 @dataclass
@@ -58,7 +41,11 @@ class Benchmark:
     encoder: nn.Module  # pretrained weights
     heads: dict[str, nn.Module]  # experts' heads
     experts: dict[str, dict[str, Tensor]]  # experts' fine-tuned encoder tensors (the merged keys)
-    tasks: dict[str, TaskData]
+    tasks: TaskPool  # the task pool (a plain {name: TaskData} mapping is wrapped)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tasks, TaskPool):
+            self.tasks = TaskPool(self.tasks)
 
     @property
     def task_names(self) -> list[str]:
@@ -74,19 +61,15 @@ class Benchmark:
         return TaskVectors.from_state_dicts(base, self.experts, keys=keys, dtype=dtype)
 
 
-class AdaptSettings(BaseModel):
-    """Adaptation hyper-parameters used by a suite (per-method overrides in `per_method`)."""
+SUITE_TRAINER_DEFAULTS = {"regime": "nlp", "steps": 200, "batch_size": 16, "lr": 1e-2, "layer_lr": 1e-2}
+
+
+class AdaptSettings(TrainerConfig):
+    """A suite's adaptation settings: every `TrainerConfig` field (suite defaults: `SUITE_TRAINER_DEFAULTS`, fixed
+    values rather than the regime's) plus what a suite adds: τ storage, the curve, per-method overrides."""
 
     model_config = ConfigDict(extra="forbid")
 
-    regime: str = "nlp"
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 1e-2
-    layer_lr: float = 1e-2
-    seed: int = 0
-    device: DeviceName = "cpu"
-    precision: Precision = "fp32"
     storage_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32", description="dtype τ is stored in for every method of the run (bfloat16: half the memory; "
         "θ = θ_pre + Σ λ τ is still computed in fp32)")
@@ -95,11 +78,16 @@ class AdaptSettings(BaseModel):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     ta_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0])
 
+    @model_validator(mode="before")
+    @classmethod
+    def suite_defaults(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {**SUITE_TRAINER_DEFAULTS, **data}
+        return data
+
     def trainer_config(self, method: str, progress: bool) -> TrainerConfig:
-        base = {"regime": self.regime, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                "layer_lr": self.layer_lr, "seed": self.seed, "device": self.device, "precision": self.precision,
-                "progress": progress}
-        return TrainerConfig(**{**base, **self.per_method.get(method, {})})
+        base = self.model_dump(include=set(TrainerConfig.model_fields), exclude_unset=False)
+        return TrainerConfig(**{**base, "progress": progress, **self.per_method.get(method, {})})
 
 
 @dataclass
@@ -115,7 +103,7 @@ class MethodOutcome:
 
 
 def known_methods() -> list[str]:
-    return list(SPECIAL) + available_methods() + list(ADAPTIVE)
+    return list(SPECIAL) + available_methods() + adaptive_methods()
 
 
 def check_methods(methods: Sequence[str]) -> None:
@@ -128,21 +116,16 @@ def check_methods(methods: Sequence[str]) -> None:
 # --- evaluation ------------------------------------------------------------------------------------------------
 def score(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> dict[str, TaskScore]:
     """Each task's TaskScore (its data's scorer) on the test (or validation) split."""
-    scores = {}
-    for task in result.tasks:
-        data = bench.tasks[task]
-        inputs, labels = (data.test, data.test_labels) if split == "test" else (data.val, data.val_labels)
-        scores[task] = data.scorer(result.predict(task, inputs, device=device), labels)
-    return scores
+    return bench.tasks.score(result, device, split)
 
 
 def primary_and_ece(scores: Mapping[str, TaskScore]) -> tuple[dict[str, float], dict[str, float]]:
     return ({t: s.primary for t, s in scores.items()}, {t: s.ece for t, s in scores.items() if s.ece is not None})
 
 
-def evaluate(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> tuple[dict[str, float], dict[str, float]]:
-    """(primary score per task, ECE per task that has one) on the test (or validation) split."""
-    return primary_and_ece(score(result, bench, device, split))
+def primary_scores(result: MergeResult, bench: Benchmark, device: str, split: str = "test") -> dict[str, float]:
+    """The primary score per task (accuracy, mIoU, ...) on the test (or validation) split."""
+    return primary_and_ece(score(result, bench, device, split))[0]
 
 
 # --- static results ------------------------------------------------------------------------------------------------
@@ -170,7 +153,7 @@ def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Seque
         result = static_result("task_arithmetic", bench, tv, {"scaling_coef": coef})
         if post_merge is not None:
             result = post_merge(result)
-        score = mean(evaluate(result, bench, device, split="val")[0])
+        score = mean(primary_scores(result, bench, device, split="val"))
         if best is None or score > best[0]:
             best = (score, coef, result)
     assert best is not None
@@ -202,9 +185,9 @@ def adaptive_result(
     post = post_merge or (lambda r: r)
     for mark in marks:
         trainer.run(stop_after=mark - trainer.start_step)
-        scores = score(post(finish(trainer)), bench, settings.device)
+        scores = score(post(trainer.result()), bench, settings.device)
         curve.append({"iterations": mark, **curve_point(primary_and_ece(scores)[0]), "seconds": trainer.seconds})
-    return post(finish(trainer)), curve, scores
+    return post(trainer.result()), curve, scores
 
 
 def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], settings: AdaptSettings,
@@ -237,7 +220,7 @@ def run_methods(
     order = ["individual"] + [m for m in methods if m != "individual"]
     device = settings.device
     tv = bench.task_vectors(settings.storage_dtype)
-    adapt_inputs = {t: (d.adapt if protocol == "held-out" else d.test) for t, d in bench.tasks.items()}
+    adapt_inputs = bench.tasks.adapt_inputs(protocol)
     cache: ExpertCache | None = None
     outcomes: dict[str, MethodOutcome] = {}
 
@@ -248,7 +231,7 @@ def run_methods(
         curve: list[dict[str, float]] = []
         notes = ""
         with track() as meter:
-            if name in ADAPTIVE:
+            if is_adaptive(name):
                 if cache is None:
                     cache = expert_cache_for(bench, tv, adapt_inputs, settings, progress)
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
@@ -262,11 +245,11 @@ def run_methods(
                 result = static_result(name, bench, tv, (static_options or {}).get(name, {}))
                 if post_merge is not None and name not in MERGED_BASELINES_EXCLUDED:
                     result = post_merge(result)
-        if name not in ADAPTIVE:
+        if not is_adaptive(name):
             scores = score(result, bench, device)
         accs, eces = primary_and_ece(scores)
         # Seconds = merging / adaptation work only (evaluation excluded; the shared expert pass is reported apart).
-        seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if name in ADAPTIVE else meter.seconds
+        seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if is_adaptive(name) else meter.seconds
         outcomes[name] = MethodOutcome(result, seconds, meter.peak_mb, accs, eces,
                                        {t: s.metrics for t, s in scores.items()}, curve, notes)
         log(f"{name:>22s}: average {mean(accs):.4f}  ({seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")

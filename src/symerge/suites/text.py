@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 from pydantic import ConfigDict, Field
 
-from symerge.devices import RunsOn
-from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.suites.base import ClassificationSuiteConfig, ExpertJob, fine_tune_experts, run_and_report
+from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
 # The demo's default list (issue 7); every other registered static method runs by name (`--methods`) or with
@@ -36,17 +36,13 @@ def text_task_names() -> list[str]:
     return list(TEXT_TASKS)
 
 
-class TextSuiteConfig(RunsOn):
+class TextSuiteConfig(ClassificationSuiteConfig):
     """Everything that defines a text-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("text task", text_task_names)] = Field(default_factory=list, description="task names; empty = the 8 defaults")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    protocol: Literal["held-out", "transductive"] = "held-out"
-    seed: int = 0
-    max_test: int = 400
-    max_adapt: int = 600
     max_train: int = 2000
     n_val: int = 100
     max_len: int = 64
@@ -57,8 +53,6 @@ class TextSuiteConfig(RunsOn):
     adapt: AdaptSettings = Field(default_factory=lambda: AdaptSettings(regime="nlp", steps=100, batch_size=16,
                                                                         lr=1e-2, layer_lr=1e-2,
                                                                         curve=[25, 50, 100]))
-    cross_task_samples: int = 200
-    quick: bool = False
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> "TextSuiteConfig":
@@ -110,20 +104,16 @@ def build_text_benchmark(
     from symerge.models.text import linear_head, load_text_encoder
 
     encoder, tokenizer = load_text_encoder(model_dir)
-    model_hash = hash_tensors(encoder.state_dict())
     frozen = ("body.embeddings.word_embeddings.",) if cfg.freeze_word_embeddings else ()
     ft = FinetuneConfig(**cfg.expert, frozen_prefixes=frozen, seed=cfg.seed)
-    datas: dict[str, TaskData] = {}
-    heads, experts, info = {}, {}, {"experts": {}, "finetune": ft.as_dict()}
-    for index, task in enumerate(tasks):
-        data, train = tokenized_task(task.name, task.class_names, task, tokenizer, cfg)
-        head = linear_head(encoder.hidden_size, len(task.class_names), cfg.seed * 1000 + index)
-        expert = cached_expert(cache_dir, encoder, model_hash, head, train["inputs"], train["labels"], ft,
-                               cfg.device, desc=f"expert {task.name}", progress=progress)
-        log(f"expert {task.name}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
-        datas[task.name], heads[task.name], experts[task.name] = data, expert.head, expert.encoder_state
-        info["experts"][task.name] = {"seconds": expert.seconds, "cached": expert.cached}
-    return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=datas), info
+
+    def jobs() -> Iterator[ExpertJob]:
+        for index, task in enumerate(tasks):
+            data, train = tokenized_task(task.name, task.class_names, task, tokenizer, cfg)
+            head = linear_head(encoder.hidden_size, len(task.class_names), cfg.seed * 1000 + index)
+            yield ExpertJob(data, head, train["inputs"], train["labels"], ft)
+
+    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress)
 
 
 def load_default_tasks(names: Sequence[str]) -> list[Any]:
@@ -142,9 +132,6 @@ def run_text_suite(
 ) -> dict[str, Any]:
     """Run the whole suite and write report.json / report.md / plots into `out_dir`; returns the report."""
     from symerge.data.fetch import cache_root, fetch_minilm
-    from symerge.report.writer import build_report, write_report
-    from symerge.suites.diagnostics import run_diagnostics
-    from symerge.suites.runner import run_methods
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -154,12 +141,7 @@ def run_text_suite(
     task_list = list(tasks) if tasks is not None else load_default_tasks(cfg.tasks)
     log(f"text suite: {len(task_list)} tasks, protocol {cfg.protocol}, model {model_dir}")
     bench, info = build_text_benchmark(cfg, model_dir, task_list, cache_root() / "experts" / "text", log, progress)
-    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
-                           progress=progress, log=log)
-    diagnostics = run_diagnostics(bench, outcomes, cfg.cross_task_samples, cfg.device, progress)
-    report = build_report("text", cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
-                          config=cfg.model_dump(mode="json"), extra={**info, "model_dir": str(model_dir),
-                                                                      "total_seconds": time.perf_counter() - start,
-                                                                      "sources": {t.name: t.source for t in task_list}})
-    write_report(report, outcomes, out_dir)
-    return report
+    return run_and_report("text", cfg, bench, out_dir, lambda _outcomes: {
+        **info, "model_dir": str(model_dir), "total_seconds": time.perf_counter() - start,
+        "sources": {t.name: t.source for t in task_list}}, progress=progress, log=log,
+        cross_task_samples=cfg.cross_task_samples)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.devices import RunsOn
-from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.suites.base import ClassificationSuiteConfig, ExpertJob, fine_tune_experts, run_and_report
+from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
 DEFAULT_METHODS = [
@@ -60,17 +60,13 @@ def image_task_names() -> list[str]:
     return list(IMAGE_TASKS)
 
 
-class VisionSuiteConfig(RunsOn):
+class VisionSuiteConfig(ClassificationSuiteConfig):
     """Everything that defines a vision-suite run; the defaults are the documented benchmark."""
 
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("image task", image_task_names)] = Field(default_factory=list, description="task names; empty = the 6 defaults")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    protocol: Literal["held-out", "transductive"] = "held-out"
-    seed: int = 0
-    max_test: int = 400
-    max_adapt: int = 600
     max_train: int = 1500
     n_val: int = 60
     image_size: int = 64
@@ -79,8 +75,6 @@ class VisionSuiteConfig(RunsOn):
     bn_reestimate: bool = Field(default=False, description="re-estimate BN statistics on the unlabeled adaptation "
                                                            "inputs after every merge")
     bn_samples_per_task: int = 200
-    cross_task_samples: int = 200
-    quick: bool = False
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> "VisionSuiteConfig":
@@ -144,21 +138,16 @@ def build_vision_benchmark(
     from symerge.models.text import linear_head
 
     encoder = encoder.eval()
-    model_hash = hash_tensors(encoder.state_dict())
     ft = FinetuneConfig(**cfg.expert, freeze_batchnorm=True, seed=cfg.seed)
     dim = feature_dim(encoder, cfg.image_size)
-    datas: dict[str, TaskData] = {}
-    heads, experts, info = {}, {}, {"experts": {}, "finetune": ft.as_dict()}
-    for index, task in enumerate(tasks):
-        data, train = image_task_data(task, cfg)
-        head = linear_head(dim, len(task.class_names), cfg.seed * 1000 + index)
-        expert = cached_expert(cache_dir, encoder, model_hash, head, train["inputs"], train["labels"], ft,
-                               cfg.device, desc=f"expert {task.name}", progress=progress)
-        log(f"expert {task.name}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
-        datas[task.name], heads[task.name], experts[task.name] = data, expert.head, expert.encoder_state
-        info["experts"][task.name] = {"seconds": expert.seconds, "cached": expert.cached}
-        del train
-    return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=datas), info
+
+    def jobs() -> Iterator[ExpertJob]:
+        for index, task in enumerate(tasks):
+            data, train = image_task_data(task, cfg)
+            head = linear_head(dim, len(task.class_names), cfg.seed * 1000 + index)
+            yield ExpertJob(data, head, train["inputs"], train["labels"], ft)
+
+    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress)
 
 
 # --- BatchNorm statistics after a merge (option) ---------------------------------------------------------------------
@@ -243,9 +232,6 @@ def run_vision_suite(
     (default: the packaged tasks named in `cfg.tasks`) are `ImageTask`s.
     """
     from symerge.data.fetch import cache_root
-    from symerge.report.writer import build_report, write_report
-    from symerge.suites.diagnostics import run_diagnostics
-    from symerge.suites.runner import run_methods
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -261,18 +247,12 @@ def run_vision_suite(
     bench, info = build_vision_benchmark(cfg, encoder, task_list, cache_root() / "experts" / "vision", log, progress)
     post_merge = None
     if cfg.bn_reestimate:
-        inputs = {t: (d.adapt if cfg.protocol == "held-out" else d.test) for t, d in bench.tasks.items()}
+        inputs = bench.tasks.adapt_inputs(cfg.protocol)
         post_merge = batchnorm_reestimator(bench, inputs, cfg.bn_samples_per_task, cfg.device, cfg.seed)
-    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt.model_copy(update={"seed": cfg.seed, "device": cfg.device, "precision": cfg.precision}),
-                           progress=progress, log=log, post_merge=post_merge)
-    diagnostics = run_diagnostics(bench, outcomes, cfg.cross_task_samples, cfg.device, progress)
-    report = build_report("vision", cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
-                          config=cfg.model_dump(mode="json"),
-                          extra={**info, "model": model_name, "data_seconds": data_seconds,
-                                 "batchnorm": {"finetune": "frozen (eval mode)",
-                                               "after_merge": "re-estimated" if cfg.bn_reestimate else "not re-estimated"},
-                                 "notes": batchnorm_notes(cfg),
-                                 "total_seconds": time.perf_counter() - start,
-                                 "sources": {t.name: t.source for t in task_list}})
-    write_report(report, outcomes, out_dir)
-    return report
+    return run_and_report("vision", cfg, bench, out_dir, lambda _outcomes: {
+        **info, "model": model_name, "data_seconds": data_seconds,
+        "batchnorm": {"finetune": "frozen (eval mode)",
+                      "after_merge": "re-estimated" if cfg.bn_reestimate else "not re-estimated"},
+        "notes": batchnorm_notes(cfg), "total_seconds": time.perf_counter() - start,
+        "sources": {t.name: t.source for t in task_list}}, progress=progress, log=log, post_merge=post_merge,
+        cross_task_samples=cfg.cross_task_samples)

@@ -1,0 +1,115 @@
+"""What every suite shares: its config's common fields, the expert fine-tuning loop, and run → diagnose → report.
+
+A suite is then a data loader (task pool: `suites.tasks.TaskData` per task), a head / decoder per task, and its own
+report extras; see `docs/architecture.md` ("how to add a suite").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+from torch import Tensor, nn
+
+from symerge.batching import Inputs
+from symerge.devices import RunsOn
+from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, PostMerge
+from symerge.suites.tasks import TaskData, TaskPool
+
+Figures = Mapping[str, tuple[str, Callable[[Path], None]]]
+
+
+class SuiteConfig(RunsOn):
+    """Fields every suite config has (each suite adds `tasks`, `methods`, `expert`, `adapt` with its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: Literal["held-out", "transductive"] = "held-out"
+    seed: int = 0
+    quick: bool = False
+
+    def adapt_settings(self) -> AdaptSettings:
+        """The suite's adaptation settings, run with the suite's seed, device and precision."""
+        adapt: AdaptSettings = getattr(self, "adapt")
+        return adapt.model_copy(update={"seed": self.seed, "device": self.device, "precision": self.precision})
+
+
+class ClassificationSuiteConfig(SuiteConfig):
+    """Fields of the suites whose tasks are labeled samples split per task (text, vision)."""
+
+    max_test: int = 400
+    max_adapt: int = 600
+    cross_task_samples: int = 200
+
+
+@dataclass
+class ExpertJob:
+    """One task to fine-tune an expert for: its task data, a fresh head, the expert's training data and recipe."""
+
+    data: TaskData
+    head: nn.Module
+    inputs: Inputs
+    labels: Tensor
+    finetune: FinetuneConfig
+
+
+def fine_tune_experts(
+    encoder: nn.Module, jobs: Iterable[ExpertJob], cache_dir: Path, device: str, log: Callable[[str], None],
+    progress: bool, per_task_finetune: bool = False,
+) -> tuple[Benchmark, dict[str, Any]]:
+    """Fine-tune (or load cached, by content hash) one expert per job and assemble the Benchmark; `info` holds each
+    expert's seconds / cache hit and the fine-tuning recipe (one for all, or per task)."""
+    model_hash = hash_tensors(encoder.state_dict())
+    datas: dict[str, TaskData] = {}
+    heads: dict[str, nn.Module] = {}
+    experts: dict[str, dict[str, Tensor]] = {}
+    info: dict[str, Any] = {"experts": {}, "finetune": {}}
+    for job in jobs:  # a generator: one task's training data in memory at a time
+        name = job.data.name
+        expert = cached_expert(cache_dir, encoder, model_hash, job.head, job.inputs, job.labels, job.finetune, device,
+                               desc=f"expert {name}", progress=progress)
+        log(f"expert {name}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
+        datas[name], heads[name], experts[name] = job.data, expert.head, expert.encoder_state
+        info["experts"][name] = {"seconds": expert.seconds, "cached": expert.cached}
+        if per_task_finetune:
+            info["finetune"][name] = job.finetune.as_dict()
+        else:
+            info["finetune"] = job.finetune.as_dict()
+        del job
+    return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=TaskPool(datas)), info
+
+
+def run_and_report(
+    suite: str,
+    cfg: SuiteConfig,
+    bench: Benchmark,
+    out_dir: Path,
+    extra: Callable[[Mapping[str, MethodOutcome]], Mapping[str, Any]],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    post_merge: PostMerge | None = None,
+    cross_task_samples: int | None = None,
+    figures: Callable[[Mapping[str, MethodOutcome]], Figures] | None = None,
+    metrics_per_task: bool = False,
+) -> dict[str, Any]:
+    """Run the config's methods, diagnose (cross-task matrices, head transfer; when `cross_task_samples` is given),
+    build the report dict and write it. `extra(outcomes)` is called last, so it may time the whole run."""
+    from symerge.report.writer import write_report
+    from symerge.suites.diagnostics import run_diagnostics
+    from symerge.suites.report import build_report
+    from symerge.suites.runner import run_methods
+
+    outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt_settings(), progress=progress, log=log,
+                           post_merge=post_merge)
+    diagnostics = ({} if cross_task_samples is None else
+                   run_diagnostics(bench, outcomes, cross_task_samples, cfg.device, progress))
+    drawn = figures(outcomes) if figures is not None else None
+    report = build_report(suite, cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
+                          config=cfg.model_dump(mode="json"), extra=extra(outcomes), metrics_per_task=metrics_per_task)
+    write_report(report, outcomes, out_dir, figures=drawn)
+    return report
