@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--method", default="symerge")
     parser.add_argument("--die-at-step", type=int, default=-1, help="rank 1 exits abruptly at this step")
     parser.add_argument("--update", default="sequential")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint every 2 steps here, resume from it")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from toy import FAST_DISTRIBUTED, build_toy_problem, distributed_options
@@ -29,7 +30,9 @@ def main() -> None:
 
     problem = build_toy_problem()
     trainer = build_trainer(args.method, problem.encoder, problem.heads, problem.task_vectors(), problem.adapt_inputs,
-                            config=TrainerConfig(**FAST_DISTRIBUTED, update=args.update),
+                            config=TrainerConfig(**FAST_DISTRIBUTED, update=args.update, checkpoint_path=args.checkpoint,
+                                                 checkpoint_every=2 if args.checkpoint else 0,
+                                                 resume=args.checkpoint is not None),
                             **distributed_options(args.method))
     world = current_world()
 

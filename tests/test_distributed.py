@@ -50,12 +50,19 @@ def test_two_ranks_equal_one_process(tmp_path, method, update):
     assert got["runs_per_sample"] == {t: 1.0 for t in reference.tasks}  # the expert pass was sharded, not repeated
 
 
-def test_a_rank_dying_fails_the_launch_and_writes_nothing(tmp_path):
-    out = tmp_path / "rank0.pt"
-    proc = torchrun(out, "--die-at-step", "2")
+def test_a_rank_dying_fails_the_launch_writes_nothing_and_the_rerun_resumes(tmp_path):
+    out, ckpt = tmp_path / "out" / "rank0.pt", tmp_path / "ckpt" / "state.pt"
+    ckpt.parent.mkdir()
+    proc = torchrun(out, "--die-at-step", "3", "--checkpoint", str(ckpt))
     assert proc.returncode != 0
     assert "exitcode" in proc.stderr and "3" in proc.stderr  # torchrun names the failed rank and its exit code
-    assert not out.exists() and not [p for p in tmp_path.iterdir()], list(tmp_path.iterdir())
+    assert not out.parent.exists()  # no half-written output
+    assert [p.name for p in ckpt.parent.iterdir()] == ["state.pt"]  # rank 0's step-2 checkpoint, complete
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    proc = torchrun(out, "--checkpoint", str(ckpt))  # the same launch again resumes from step 2 on both ranks
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference, _ = single_process("symerge")
+    torch.testing.assert_close(torch.load(out, weights_only=True)["lambdas"], reference.lambdas, atol=1e-5, rtol=0)
 
 
 def test_merge_command_under_torchrun_equals_one_process(tmp_path):
