@@ -3,7 +3,7 @@
 Pool: a randomly initialised BERT classifier with MiniLM-L6's shape (6 layers, hidden 384, vocab 30522: 22.7 M
 params, 91 MB in float32) as the pretrained model and K experts (pretrained + small noise, 2 labels each), written
 with `save_pretrained` into a temp dir. Each measurement runs in a fresh Python process, which reports its own
-`ru_maxrss`; the baseline row is the same process after importing torch + transformers + symerge only.
+peak RSS (`VmHWM`); the baseline row is the same process after importing torch + transformers + symerge only.
 
     python benchmarks/merge_memory.py                 # K = 8, task_arithmetic and ties
     python benchmarks/merge_memory.py --src /tmp/before/src   # the same against another checkout's sources
@@ -43,7 +43,11 @@ elif kind == "merge":
     experts = {t: strip(load_file(p + "/model.safetensors")) for t, p in cfg["model"]["experts"].items()}
     merge(method, pre, experts)
 seconds = time.perf_counter() - start
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds}))
+# VmHWM: this process's own peak. ru_maxrss survives exec on Linux, so it would report the parent's RSS at the
+# fork (the parent held the pool it just built) whenever this process peaks lower.
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+peak = int(status["VmHWM"].split()[0]) / 1024 if "VmHWM" in status else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"maxrss_mb": peak, "seconds": seconds}))
 """
 
 

@@ -128,7 +128,7 @@ BAD_INPUTS = {
     mismatched_task_names: r"data\.adapt: task names do not match model\.experts \['alpha', 'beta'\]: missing \['beta'\], "
                            r"unknown \['gamma'\]",
     missing_text_column: r"data\.adapt\.alpha: '.*adapt-alpha\.csv' has no column 'sentence' \(columns: \['text'\]\)",
-    wrong_field: r"model\.family: Input should be 'hf_text', 'clip' or 'state_dict' \(got 'onnx'\)(.|\n)*"
+    wrong_field: r"model\.family: Input should be 'hf_text', 'clip', 'state_dict' or 'hf_image' \(got 'onnx'\)(.|\n)*"
                  r"metod: Extra inputs are not permitted",
     trainer_typo: r"method\.trainer\.stepz: Extra inputs are not permitted",
 }

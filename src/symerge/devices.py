@@ -94,19 +94,33 @@ def grad_scaler(device: str | torch.device, precision: str) -> torch.amp.GradSca
                                 enabled=precision == "fp16")
 
 
+def floating_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating tensor (inputs are cast to it), float32 if it has none."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def module_on(module: nn.Module, device: str | torch.device | None = None,
-              replace: Mapping[str, Tensor] | None = None) -> nn.Module:
+              replace: Mapping[str, Tensor] | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """A structural copy of `module` whose tensors are the originals moved to `device` (shared where already there),
     or `replace[name]` (moved too) for the names it holds, e.g. merged weights.
 
     Unlike `module.to(device)` it never moves or re-flags the caller's module, so an encoder shared by several
     methods (or owned by the user) stays where it was; only tensors not yet on `device` are copied, and replaced
-    tensors are never copied from the original.
+    tensors are never copied from the original. `dtype` casts the floating tensors (e.g. bf16 heads trained in fp32).
     """
     replace = replace or {}
 
     def moved(name: str, tensor: Tensor) -> Tensor:
         source = replace.get(name, tensor).detach()
+        if dtype is not None and source.is_floating_point():
+            source = source.to(dtype)
         return source if device is None else source.to(device)
 
     memo: dict[int, Any] = {}

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from symerge.errors import ValidationError, subject
 from symerge.taskvectors import TaskVectors
-from symerge.validation import StateDict, check_finite, check_same_layout, check_task_names, validate_state_dicts
+from symerge.validation import (StateDict, check_finite, check_same_layout, check_task_names, is_lazy,
+                               validate_state_dicts)
 
 KeySelector = Sequence[str] | Callable[[str], bool]
 
@@ -23,9 +24,18 @@ def as_state_dict(model: nn.Module | StateDict, owner: str) -> dict[str, Tensor]
     """Accept an `nn.Module` or a state dict; return a detached state dict."""
     if isinstance(model, nn.Module):
         return {k: v.detach() for k, v in model.state_dict().items()}
+    if is_lazy(model):
+        return model  # tensors stay in their files (`tensorio.LazyStateDict`); read one at a time when used
     if isinstance(model, Mapping):
         return dict(model)
     raise ValidationError(f"{owner}: expected an nn.Module or a state dict, got {type(model).__name__}")
+
+
+def subset(state: StateDict, keys: Iterable[str]) -> StateDict:
+    """The tensors of `state` under `keys` (a lazy view for a lazy state dict: nothing is read)."""
+    if is_lazy(state):
+        return state.select(keys)  # type: ignore[attr-defined]
+    return {k: state[k] for k in keys}
 
 
 def is_head_key(key: str, head_prefixes: Sequence[str]) -> bool:
@@ -47,8 +57,8 @@ class ModelPool:
     """
 
     tasks: list[str]
-    pretrained: dict[str, Tensor]
-    experts: dict[str, dict[str, Tensor]]
+    pretrained: dict[str, Tensor]  # or a lazy state dict (`tensorio.LazyStateDict`): read tensor by tensor
+    experts: dict[str, dict[str, Tensor]]  # likewise
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     num_classes: dict[str, int] = field(default_factory=dict)
 
@@ -73,11 +83,11 @@ class ModelPool:
                 extra = [k for k in state if k not in base and not is_head_key(k, head_prefixes)]
                 if extra:
                     raise ValidationError(f"expert '{task}': unexpected tensor '{extra[0]}' not in the pretrained model")
-                encoders[task] = {k: state[k] for k in enc_keys if k in state}
-                heads[task] = {k: v for k, v in state.items() if is_head_key(k, head_prefixes)}
+                encoders[task] = subset(state, [k for k in enc_keys if k in state])
+                heads[task] = {k: state[k] for k in state if is_head_key(k, head_prefixes)}
                 if head_prefixes and not heads[task]:
                     raise ValidationError(f"expert '{task}': no head tensor under prefixes {list(head_prefixes)}")
-        return cls.from_parts({k: base[k] for k in enc_keys}, encoders, heads, num_classes)
+        return cls.from_parts(subset(base, enc_keys), encoders, heads, num_classes)
 
     @classmethod
     def from_parts(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.batching import Inputs, batch_indices, encode_all
-from symerge.devices import module_on
+from symerge.devices import floating_dtype, module_on
 from symerge.errors import ValidationError
 
 
@@ -71,7 +71,9 @@ class MergeResult:
         adapter = self.adapters.get(task)
         if adapter is not None:
             adapter = module_on(adapter, device).eval()
-            feats = torch.cat([adapter(feats[i].to(device)).float().cpu() for i in batch_indices(len(feats), batch_size)])
+            dtype = floating_dtype(adapter)
+            feats = torch.cat([adapter(feats[i].to(device, dtype)).float().cpu()
+                               for i in batch_indices(len(feats), batch_size)])
         return feats
 
     @torch.no_grad()
@@ -80,7 +82,9 @@ class MergeResult:
         """Task output (logits / regression values / dense maps) on CPU; `inputs` may be raw strings (text models)."""
         head = module_on(self.heads[task], device).eval()  # copies: the result's own modules never move
         feats = self.features(task, inputs, batch_size, device)
-        return torch.cat([head(feats[index].to(device)).float().cpu() for index in batch_indices(len(feats), batch_size)])
+        dtype = floating_dtype(head)  # features are fp32; a bf16 / fp16 head reads its own dtype
+        return torch.cat([head(feats[index].to(device, dtype)).float().cpu()
+                          for index in batch_indices(len(feats), batch_size)])
 
     def with_heads(self, heads: Mapping[str, nn.Module], method: str | None = None) -> "MergeResult":
         """Same encoder, other heads (head transfer: SyMerge heads on another method's encoder)."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from symerge.errors import ValidationError
-from symerge.validation import StateDict, validate_state_dicts
+from symerge.validation import StateDict, layout, validate_state_dicts
 
 STORAGE_DTYPES = {
     "float32": torch.float32,
@@ -37,7 +37,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def mergeable_keys(pretrained: StateDict, keys: Iterable[str] | None = None) -> list[str]:
     """Floating-point tensors are merged; integer / bool buffers are always copied from the pretrained model."""
     candidates = list(keys) if keys is not None else list(pretrained.keys())
-    return [k for k in candidates if pretrained[k].is_floating_point()]
+    return [k for k in candidates if layout(pretrained, k)[1].is_floating_point]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

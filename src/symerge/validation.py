@@ -15,6 +15,20 @@ from symerge.errors import ValidationError, subject
 StateDict = Mapping[str, Tensor]
 
 
+def layout(state: StateDict, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of `state[key]`, without reading it when `state` is lazy (has `layout(key)`, e.g.
+    `tensorio.LazyStateDict`: tensors left in their files)."""
+    lazy = getattr(state, "layout", None)
+    if lazy is not None:
+        return lazy(key)
+    tensor = state[key]
+    return tuple(tensor.shape), tensor.dtype
+
+
+def is_lazy(state: object) -> bool:
+    return callable(getattr(state, "layout", None))
+
+
 def check_task_names(names: Iterable[str]) -> list[str]:
     """Task names must be non-empty strings and unique."""
     seen: list[str] = []
@@ -42,6 +56,8 @@ def all_finite(tensor: Tensor) -> bool:
 def check_finite(state: StateDict, owner: str, keys: Iterable[str] | None = None) -> None:
     """Reject NaN / Inf in floating tensors (integer buffers cannot hold them)."""
     for key in keys if keys is not None else state.keys():
+        if is_lazy(state) and not layout(state, key)[1].is_floating_point:
+            continue  # not read at all
         tensor = state[key]
         if tensor.is_floating_point() and not all_finite(tensor):
             n_bad = int((~torch.isfinite(tensor.detach())).sum())
@@ -60,13 +76,13 @@ def check_same_layout(reference: StateDict, other: StateDict, owner: str, keys: 
             raise ValidationError(f"{owner}: unexpected tensor '{extra[0]}' not in the pretrained model"
                                   + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for key in wanted:
-        ref, got = reference[key], other[key]
-        if not isinstance(got, Tensor):
-            raise ValidationError(f"{owner}: entry '{key}' is a {type(got).__name__}, not a tensor")
-        if tuple(got.shape) != tuple(ref.shape):
-            raise ValidationError(f"{owner}: tensor '{key}' has shape {tuple(got.shape)}, pretrained has {tuple(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise ValidationError(f"{owner}: tensor '{key}' has dtype {got.dtype}, pretrained has {ref.dtype}; load "
+        if not is_lazy(other) and not isinstance(other[key], Tensor):
+            raise ValidationError(f"{owner}: entry '{key}' is a {type(other[key]).__name__}, not a tensor")
+        (ref_shape, ref_dtype), (shape, dtype) = layout(reference, key), layout(other, key)
+        if tuple(shape) != tuple(ref_shape):
+            raise ValidationError(f"{owner}: tensor '{key}' has shape {tuple(shape)}, pretrained has {tuple(ref_shape)}")
+        if dtype != ref_dtype:
+            raise ValidationError(f"{owner}: tensor '{key}' has dtype {dtype}, pretrained has {ref_dtype}; load "
                                   "every checkpoint in one dtype (merge config: set model.dtype: float32)")
 
 
@@ -88,7 +104,7 @@ def validate_state_dicts(
     for key in key_list if key_list is not None else pretrained.keys():
         if key not in pretrained:
             raise ValidationError(f"pretrained: missing tensor '{key}'")
-        if not isinstance(pretrained[key], Tensor):
+        if not is_lazy(pretrained) and not isinstance(pretrained[key], Tensor):
             raise ValidationError(f"pretrained: entry '{key}' is a {type(pretrained[key]).__name__}, not a tensor")
     with subject("pretrained"):
         check_finite(pretrained, "pretrained", key_list)

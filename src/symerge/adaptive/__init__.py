@@ -25,7 +25,7 @@ from symerge.adaptive.surgery import Surgery
 from symerge.adaptive.symerge_method import SyMerge
 from symerge.adaptive.trainer import Trainer
 from symerge.batching import Inputs
-from symerge.devices import module_on
+from symerge.devices import at_least_fp32, floating_dtype, module_on
 from symerge.errors import ValidationError
 from symerge.result import MergeResult
 from symerge.taskvectors import TaskVectors
@@ -82,7 +82,8 @@ def build_trainer(
     lambda_init = resolve_init(init, task_vectors.num_tasks)
     chosen_granularity = granularity or spec.granularity
     merged = MergedEncoder(encoder, task_vectors, granularity=chosen_granularity, init=lambda_init, clamp=clamp).to(cfg.device)
-    heads_on_device = {t: module_on(h, cfg.device) for t, h in heads.items()}  # the caller's heads stay where they are
+    # Copies on the device (the caller's heads stay where they are), in fp32 at least: heads are the trained layer.
+    heads_on_device = {t: module_on(h, cfg.device, dtype=at_least_fp32(floating_dtype(h))) for t, h in heads.items()}
     if cache is None:
         cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress,
                                      cfg.precision)

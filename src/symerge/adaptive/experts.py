@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from symerge.adaptive.distributed import current_world, gather_rows, shard_range, sum_scalars
 from symerge.batching import Inputs, batch_indices, encode_all, num_samples, take
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.devices import autocast, module_on
+from symerge.devices import autocast, floating_dtype, module_on
 
 
 @dataclass
@@ -83,7 +83,9 @@ def compute_expert_cache(
         mine = take(inputs[task], shard_range(num_samples(inputs[task]), world))
         with count_samples(merged.encoder) as seen, autocast(device, precision):
             local = encode_all(merged.encoder, mine, params, batch_size, device)
-            local_out = torch.cat([head(local[i].to(device)).float().cpu() for i in batch_indices(len(local), batch_size)])
+            dtype = floating_dtype(head)
+            local_out = torch.cat([head(local[i].to(device, dtype)).float().cpu()
+                                   for i in batch_indices(len(local), batch_size)])
         features[task], outputs[task] = gather_rows(local, world), gather_rows(local_out, world)
         passes[task] = int(sum_scalars([seen[0]], world)[0])
         del params

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from symerge.batching import Inputs, call_module
-from symerge.devices import full_precision, module_on
+from symerge.devices import at_least_fp32, floating_dtype, full_precision, module_on
 from symerge.errors import ValidationError
 from symerge.merging.stream import BLOCK_ELEMENTS
 from symerge.taskvectors import TaskVectors
@@ -115,7 +115,8 @@ class MergedEncoder(nn.Module):
             raise ValidationError(f"task vector tensor '{unknown[0]}' is not a parameter or buffer of the encoder")
         # A structural copy: moving this module to a device (or freezing it) never touches the caller's encoder;
         # `architecture` keeps the caller's module (unregistered, so it never moves) for results.
-        self.encoder = module_on(encoder)
+        # Computation is at least fp32 (a bf16 / fp16 model adapts in fp32; `merged_state` casts back).
+        self.encoder = module_on(encoder, dtype=at_least_fp32(floating_dtype(encoder)))
         object.__setattr__(self, "architecture", encoder)
         self.tasks = list(task_vectors.tasks)
         self.keys = task_vectors.keys
@@ -171,9 +172,10 @@ class MergedEncoder(nn.Module):
         """A plain (detached) CPU state dict of the whole encoder with λ applied, in the encoder's dtypes."""
         with torch.no_grad():
             merged = self.params()
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}
+            dtypes = {k: v.dtype for k, v in self.architecture.state_dict().items()}
+            state = {k: v.detach().to("cpu", dtypes[k], copy=True) for k, v in self.encoder.state_dict().items()}
             for key, value in merged.items():
-                state[key] = value.to("cpu", state[key].dtype)
+                state[key] = value.to("cpu", dtypes[key])
         return state
 
     def forward(self, inputs: Inputs, overrides: Mapping[str, Tensor] | None = None) -> Tensor:

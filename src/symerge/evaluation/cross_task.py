@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from symerge.batching import Inputs, encode_all
-from symerge.devices import module_on
+from symerge.devices import floating_dtype, module_on
 from symerge.evaluation.metrics import accuracy
 
 
@@ -39,7 +39,7 @@ def cross_task_matrices(
         feats = encode_all(on_device, inputs[tasks[j]], None, batch_size, device)
         for name, heads in head_sets.items():
             head = module_on(heads[tasks[j]], device).eval()
-            matrices[name][i][j] = accuracy(head(feats.to(device)).cpu(), labels[tasks[j]])
+            matrices[name][i][j] = accuracy(head(feats.to(device, floating_dtype(head))).float().cpu(), labels[tasks[j]])
     return matrices
 
 

@@ -22,7 +22,7 @@ from symerge.merging import select_ops
 from symerge.merging.ops import keep_count
 from symerge.merging.select_ops import kth_largest_abs
 from symerge.taskvectors import TaskVectors, compute_dtype, mergeable_keys, resolve_dtype
-from symerge.validation import StateDict
+from symerge.validation import StateDict, layout
 
 # Entries of one [K, c] block processed at once: 2^18 float32 = 1 MiB, so the handful of block-sized scratch
 # buffers of a merge kernel stay in the L2 cache. Small enough to be cache-friendly, large enough that the
@@ -156,7 +156,9 @@ class _StateDictKey(KeyTau):
         base = source.pretrained[key].detach()
         self.compute = compute_dtype(base.dtype)
         self.base = base.to(self.compute).reshape(-1)
-        self.experts = [source.experts[t][key].detach().reshape(-1) for t in source.tasks]
+        # a lazy expert (`tensorio.LazyStateDict`) hands out a flat view whose blocks are read from disk on demand,
+        # so only the pretrained tensor and one [K, c] block are in memory, never K copies of this tensor
+        self.experts = [flat_tensor(source.experts[t], key) for t in source.tasks]
         self.numel = self.base.numel()
         self.device = self.base.device
         # float32 storage: τ is written straight into the block (computed in the compute dtype, rounded once)
@@ -189,8 +191,15 @@ class _StateDictKey(KeyTau):
         return self._fill(out, 0, self.numel)
 
 
+def flat_tensor(state: StateDict, key: str) -> Any:
+    """`state[key]` flattened; for a lazy state dict (with `flat(key)`), a view whose slices are read on demand."""
+    flat = getattr(state, "flat", None)
+    return flat(key) if callable(flat) else state[key].detach().reshape(-1)
+
+
 class StateDictTau(TauSource):
-    """τ computed on the fly from state dicts (assumed validated: same keys, shapes, dtypes; finite)."""
+    """τ computed on the fly from state dicts (assumed validated: same keys, shapes, dtypes; finite). The state
+    dicts may be lazy (`tensorio.LazyStateDict`): each tensor is then read when its turn comes."""
 
     def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict], keys: Iterable[str] | None = None,
                  storage_dtype: torch.dtype | str = torch.float32, workspace: Workspace | None = None):
@@ -198,7 +207,7 @@ class StateDictTau(TauSource):
         self.experts = experts
         self.tasks = list(experts.keys())
         self.keys = mergeable_keys(pretrained, keys)
-        self.shapes = {k: pretrained[k].shape for k in self.keys}
+        self.shapes = {k: torch.Size(layout(pretrained, k)[0]) for k in self.keys}
         self.storage_dtype = resolve_dtype(storage_dtype)
         self.workspace = workspace or Workspace()
 
@@ -212,8 +221,7 @@ class StateDictTau(TauSource):
             base = self.pretrained[key].detach()
             compute = compute_dtype(base.dtype)
             ref = base.reshape(-1)[index].to(compute)
-            rows = torch.stack([self.experts[t][key].detach().reshape(-1)[index].to(compute) - ref
-                                for t in self.tasks])
+            rows = torch.stack([flat_tensor(self.experts[t], key)[index].to(compute) - ref for t in self.tasks])
             parts.append(rows.to(self.storage_dtype).float())
         if not parts:
             return torch.zeros(self.num_tasks, 0)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from symerge.errors import ValidationError, subject
 from symerge.pool import ModelPool, as_state_dict, head_width
+from symerge.tensorio import load_strict
 from symerge.validation import check_same_layout, check_task_names
 
 PathLike = str | os.PathLike
@@ -286,7 +287,7 @@ class CLIPVisionEncoder(nn.Module):
         if "projection_dim" not in config:
             raise ValidationError(f"{owner}: no projection ('proj' / 'visual_projection.weight'): cannot produce CLIP embeddings")
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**dict(config)))
-        _load_strict(model, state, owner)
+        load_strict(model, state, owner)
         return cls.from_hf(model, normalize)
 
     def to_hf(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
@@ -294,14 +295,8 @@ class CLIPVisionEncoder(nn.Module):
         from transformers import CLIPVisionModelWithProjection
 
         model = CLIPVisionModelWithProjection(self.config)
-        _load_strict(model, state if state is not None else self.state_dict(), "encoder")
+        load_strict(model, state if state is not None else self.state_dict(), "encoder")
         return model.eval()
-
-
-def _load_strict(model: nn.Module, state: Mapping[str, Tensor], owner: str) -> None:
-    own = model.state_dict()
-    check_same_layout(own, {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}, owner)
-    model.load_state_dict(dict(state), strict=True)
 
 
 def _hf_quiet() -> None:

@@ -29,6 +29,7 @@ from symerge.errors import ValidationError, subject
 from symerge.pool import ModelPool
 from symerge.taskvectors import TaskVectors
 from symerge.tensorio import check_safetensors_file  # noqa: F401 - re-exported (was defined here)
+from symerge.tensorio import load_strict as _load_strict  # the name the families import
 from symerge.validation import check_task_names
 
 FEATURES = ("pooled", "first_token")
@@ -376,13 +377,16 @@ def load_tokenizer(sources: Sequence[str]) -> Any:
 
 
 def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str | Path], dtype: torch.dtype | None = None,
-                              progress: bool = False) -> TextClassifierPool:
+                              progress: bool = False, lazy: bool = False) -> TextClassifierPool:
     """Pool of K `AutoModelForSequenceClassification` experts fine-tuned from `pretrained`.
 
     `pretrained` may be a base model (AutoModel) or a classifier of the same architecture; local directory or hub
     id. Experts may have different `num_labels`. Everything is validated before it is returned: the experts'
     architecture, the base-model tensors (same keys / shapes / dtypes as the pretrained, finite) and head widths.
-    `dtype`: cast every checkpoint to it (None: as stored, and then they must agree).
+    `dtype`: cast every checkpoint to it (None: as stored, and then they must agree). `lazy`: the experts'
+    encoder tensors stay in their safetensors files (`pool.experts[task]` is then a `tensorio.LazyStateDict`, read
+    tensor by tensor by the validation and the streaming merge; `dict(...)` reads it whole), so the pool holds
+    one model instead of K + 1.
     """
     if not isinstance(experts, Mapping):
         raise ValidationError(f"experts must be a dict task -> checkpoint, got {type(experts).__name__}")
@@ -398,7 +402,13 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
 
     from tqdm.auto import tqdm
 
-    models: dict[str, nn.Module] = {}
+    # Each expert is loaded whole once (transformers' own checks: missing / unexpected / mis-shaped tensors) and
+    # split into its head and its encoder; with `lazy`, the encoder tensors are then left in the checkpoint's
+    # safetensors files and read one at a time when validated and merged (`lazy_encoder`).
+    classes: dict[str, type] = {}
+    configs: dict[str, Any] = {}
+    heads: dict[str, SequenceClassificationHead] = {}
+    expert_encoders: dict[str, Mapping[str, Tensor]] = {}
     for task in tqdm(tasks, desc="load experts", unit="model", disable=None if progress else True):  # None: TTY only
         owner = f"expert '{task}'"
         with subject("expert", task):
@@ -409,32 +419,32 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
                                       f"(supported: {supported_architectures()})")
             if declared and declared[0] not in ARCHITECTURES:
                 head_spec(declared[0])  # raises, naming the architecture
-            models[task] = load_classifier(sources[task], owner, dtype=dtype)
+            model = load_classifier(sources[task], owner, dtype=dtype)
+        classes[task], configs[task] = type(model), model.config
+        if type(model) is classes[tasks[0]]:  # else refused below, before anything else is read
+            enc, head = split_classifier(model)
+            heads[task] = own_storage(head).eval() if lazy else head.eval()
+            state = {k: v.detach() for k, v in enc.state_dict().items()}
+            expert_encoders[task] = lazy_encoder(sources[task], model, state, owner, dtype) if lazy else state
+        model = enc = state = None  # lazy: the expert's in-memory tensors go now (its head modules stay)
     first = tasks[0]
-    architecture = type(models[first]).__name__
+    architecture = classes[first].__name__
     for task in tasks[1:]:
-        other = type(models[task]).__name__
+        other = classes[task].__name__
         if other != architecture:
             with subject("expert", task):
                 raise ValidationError(f"expert '{task}' is a {other}, but expert '{first}' is a {architecture}: "
                                       "experts must share one architecture")
 
-    cls = type(models[first])
+    cls = classes[first]
     with subject("pretrained"):
         pre_config = read_config(pre_source, "pretrained")
-        if pre_config.model_type != models[first].config.model_type:
+        if pre_config.model_type != configs[first].model_type:
             raise ValidationError(f"pretrained '{pre_source}' is a '{pre_config.model_type}' model, but the experts "
-                                  f"are '{models[first].config.model_type}' ({architecture})")
+                                  f"are '{configs[first].model_type}' ({architecture})")
         pretrained_model = load_classifier(pre_source, "pretrained", cls=cls, config=pre_config,
                                            allow_missing_head=True, dtype=dtype)
     encoder, _ = split_classifier(pretrained_model)
-    heads: dict[str, SequenceClassificationHead] = {}
-    expert_encoders: dict[str, dict[str, Tensor]] = {}
-    for task in tasks:
-        enc, head = split_classifier(models[task])
-        expert_encoders[task] = {k: v.detach() for k, v in enc.state_dict().items()}
-        heads[task] = head.eval()
-    configs = {t: models[t].config for t in tasks}
     pool = ModelPool.from_parts(encoder.state_dict(), expert_encoders, heads,
                                 num_classes={t: int(configs[t].num_labels) for t in tasks})
     tokenizer = load_tokenizer([pre_source] + [sources[t] for t in tasks])
@@ -442,6 +452,41 @@ def load_text_classifier_pool(pretrained: str | Path, experts: Mapping[str, str 
         architecture=architecture, encoder=encoder.eval(), heads=heads, pool=pool, configs=configs, tokenizer=tokenizer,
         sources={"pretrained": pre_source, "experts": dict(sources)},
     )
+
+
+def own_storage(module: nn.Module) -> nn.Module:
+    """`module` with its tensors copied into memory of their own. transformers hands out tensors that are views of
+    the whole checkpoint file's memory map: keeping one small head tensor would keep the file's pages resident."""
+    with torch.no_grad():
+        for child in module.modules():
+            for name, param in child._parameters.items():
+                if param is not None:
+                    param.data = param.data.clone()
+            for name, buffer in child._buffers.items():
+                if buffer is not None:
+                    child._buffers[name] = buffer.clone()
+    return module
+
+
+def lazy_encoder(source: str, model: nn.Module, state: dict[str, Tensor], owner: str,
+                 dtype: torch.dtype | None) -> Mapping[str, Tensor]:
+    """The expert's encoder tensors as a `LazyStateDict` over its local safetensors files (the base model's tensors
+    under `base_model_prefix`), checked to hold exactly what transformers loaded: same keys, shapes, dtypes and
+    values. Anything else (a hub id, .bin weights, keys transformers renames or ties, a dtype kept apart): the
+    loaded tensors themselves."""
+    from symerge.tensorio import LazyStateDict
+
+    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    if not files:
+        return state
+    prefix = model.base_model_prefix + "."
+    lazy = LazyStateDict.from_files(files, owner, dtype, rename=lambda k: k[len(prefix):] if k.startswith(prefix) else None)
+    if lazy is None or set(lazy) != set(state):
+        return state
+    for key, tensor in state.items():
+        if lazy.layout(key) != (tuple(tensor.shape), tensor.dtype) or not torch.equal(lazy[key], tensor):
+            return state
+    return lazy.select(state)  # in the encoder's key order
 
 
 # --- rebuilding / exporting ------------------------------------------------------------------------------------------
@@ -458,18 +503,6 @@ def build_classifier(architecture: str, config: Any, encoder_state: Mapping[str,
     return model.eval()
 
 
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        raise ValidationError(f"{what} weights do not fit the architecture: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, value in own.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise ValidationError(f"{what} tensor '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
 def task_config(config: Any, class_names: Sequence[str] | None) -> Any:
     """The expert's classifier config with `id2label` / `label2id` from the class names."""
     out = copy.deepcopy(config)
@@ -480,13 +513,13 @@ def task_config(config: Any, class_names: Sequence[str] | None) -> Any:
 
 
 def save_encoder(encoder: SequenceEncoder, state: Mapping[str, Tensor], directory: Path) -> None:
-    """The base model with `state` in `save_pretrained` format (a copy: `encoder` itself is not modified)."""
-    base = copy.deepcopy(encoder.base_model)
-    wrapper = SequenceEncoder(base, encoder.feature)
-    with torch.no_grad():
-        _load_strict(wrapper, state, "encoder")
+    """The base model with `state` in `save_pretrained` format (`encoder` itself is neither modified nor copied:
+    `state`, checked to fit it, is written in place of its own tensors)."""
+    from symerge.tensorio import fitting_state
+
+    weights = fitting_state(encoder.state_dict(), state, "encoder")  # the encoder's keys are the base model's
     with quiet_transformers():
-        base.save_pretrained(directory)
+        encoder.base_model.save_pretrained(directory, state_dict=weights)
 
 
 def load_encoder(directory: Path, architecture: str) -> SequenceEncoder:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
 from symerge.batching import Inputs
@@ -38,9 +38,18 @@ class SuiteConfig(RunsOn):
         return adapt.model_copy(update={"seed": self.seed, "device": self.device, "precision": self.precision})
 
 
+# The text and vision suites' default method list (issue 7); every other registered static method runs by name
+# (`--methods`) or with `--methods all`.
+CLASSIFICATION_METHODS = [
+    "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
+    "adamerging", "surgery", "symerge",
+]
+
+
 class ClassificationSuiteConfig(SuiteConfig):
     """Fields of the suites whose tasks are labeled samples split per task (text, vision)."""
 
+    methods: list[str] = Field(default_factory=lambda: list(CLASSIFICATION_METHODS))
     max_test: int = 400
     max_adapt: int = 600
     cross_task_samples: int = 200

@@ -17,16 +17,12 @@ from typing import Annotated, Any
 import torch
 from pydantic import ConfigDict, Field
 
-from symerge.suites.base import ClassificationSuiteConfig, ExpertJob, fine_tune_experts, run_and_report
+from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
+                                 run_and_report)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
-# The demo's default list (issue 7); every other registered static method runs by name (`--methods`) or with
-# `--methods all`.
-DEFAULT_METHODS = [
-    "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
-    "adamerging", "surgery", "symerge",
-]
+DEFAULT_METHODS = CLASSIFICATION_METHODS
 QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
 
 
@@ -42,7 +38,6 @@ class TextSuiteConfig(ClassificationSuiteConfig):
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("text task", text_task_names)] = Field(default_factory=list, description="task names; empty = the 8 defaults")
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     max_train: int = 2000
     n_val: int = 100
     max_len: int = 64
@@ -60,9 +55,7 @@ class TextSuiteConfig(ClassificationSuiteConfig):
         base = dict(tasks=list(QUICK_TASKS), max_test=100, max_adapt=100, max_train=300, n_val=40, max_len=48,
                     expert={"steps": 40, "batch_size": 16, "lr": 1e-4, "head_lr": 2e-3},
                     adapt=AdaptSettings(regime="nlp", steps=30, batch_size=16, lr=1e-2, layer_lr=1e-2, curve=[10, 30]),
-                    cross_task_samples=60, quick=True,
-                    methods=["pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val",
-                             "ties", "adamerging", "surgery", "symerge"])
+                    cross_task_samples=60, quick=True)
         return cls(**{**base, **overrides})
 
 

@@ -10,7 +10,7 @@ from symerge.models.families.base import (ExportInfo, Family, LoadedModel, Model
                                           task_model_families)
 
 # Importing the family modules registers them (in this order: it is the order error messages list them in).
-from symerge.models.families import hf_text, clip, state_dict  # noqa: E402,F401  isort: skip
+from symerge.models.families import hf_text, clip, state_dict, hf_image  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "ExportInfo", "Family", "LoadedModel", "ModelSection", "family_names", "forward_families", "get_family",

@@ -128,7 +128,7 @@ class HfText(Family):
         experts = {t: cfg.model_source(p) for t, p in cfg.model.experts.items()}
         try:
             tp = load_text_classifier_pool(cfg.model_source(cfg.model.pretrained), experts,
-                                           dtype=cfg.model.torch_dtype, progress=progress)
+                                           dtype=cfg.model.torch_dtype, progress=progress, lazy=True)
         except ValidationError as err:
             raise FieldError(error_field(err), err) from None
         names = tp.class_names

@@ -14,7 +14,7 @@ from symerge.errors import FieldError, ValidationError, subject
 from symerge.models.families.base import (Family, LoadedModel, ModelSection, config_fields, error_field,
                                           register_family)
 from symerge.pool import ModelPool
-from symerge.tensorio import TensorStore, cast_floats, load_tensors, read_safetensors, save_tensors
+from symerge.tensorio import TensorStore, load_tensors, read_lazily, save_tensors
 
 
 class StateDictModel(ModelSection):
@@ -49,11 +49,11 @@ class StateDict(Family):
         dtype = cfg.model.torch_dtype
         try:
             with subject("pretrained"):
-                pre = cast_floats(read_safetensors(cfg.path(cfg.model.pretrained), "pretrained"), dtype)
-            experts = {}
+                pre = read_lazily(cfg.path(cfg.model.pretrained), "pretrained", dtype)
+            experts = {}  # lazy: validated and merged tensor by tensor, straight from the files
             for task, value in cfg.model.experts.items():
                 with subject("expert", task):
-                    experts[task] = cast_floats(read_safetensors(cfg.path(value), f"expert '{task}'"), dtype)
+                    experts[task] = read_lazily(cfg.path(value), f"expert '{task}'", dtype)
             names = {t: list(v) for t, v in (cfg.model.class_names or {}).items()}
             prefixes = list(cfg.model.head_prefixes or [])
             pool = ModelPool.from_models(pre, experts, head_prefixes=prefixes,
