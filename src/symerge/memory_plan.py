@@ -6,7 +6,7 @@ The model (bytes; P = parameters of the shared encoder, P_τ = its merged floati
 |---|---|---|
 | runtime (Python, torch, transformers) | `RUNTIME_BYTES` (measured) | always |
 | θ_pre, the pretrained encoder | P × weight bytes (+ P_τ × 4 for an fp32 copy when stored narrower) | always |
-| experts held by `symerge merge` | K × P × weight bytes (the loaded pool keeps every expert encoder) | merge path |
+| experts held by `symerge merge` | K × P × weight bytes (families whose pool keeps every expert encoder: clip) | merge path |
 | τ | K × P_τ × storage bytes (4 fp32, 2 bf16) | always |
 | λ | rows × K × 4 × 4 (value, gradient, two Adam moments) | adaptive |
 | task layers | Σ head params × 4 × 4 (value, gradient, two Adam moments) | adaptive |
@@ -78,7 +78,7 @@ class RunShape:
     storage_dtype: str = "float32"
     adaptive: bool = True
     lambda_rows: int = 1  # rows of λ (merged tensors for granularity "tensor")
-    experts_held: bool = True  # `symerge merge` keeps every loaded expert encoder until the run ends
+    experts_held: bool = True  # the family's pool keeps every loaded expert encoder until the run ends (clip)
     tau_materialised: bool = True  # False: a separable static method streams τ one tensor at a time
 
     @property
@@ -329,7 +329,12 @@ def state_dict_shapes(cfg: Any) -> tuple[ModelShape, dict[str, int], dict[str, i
 
 def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
     """The plan of a validated `MergeConfig` (`symerge.config.load_config`), from files' metadata only."""
+    from symerge.models.families import get_family
+
     readers = {"hf_text": text_shapes, "clip": clip_shapes, "state_dict": state_dict_shapes}
+    if cfg.model.family not in readers:
+        raise ValidationError(f"{cfg.source}: model.family: `symerge plan` has no shape reader for family "
+                              f"'{cfg.model.family}' yet (it has: {sorted(readers)})")
     model, outputs, heads = readers[cfg.model.family](cfg)
     trainer = cfg.trainer_config().resolved(coefficients_only=cfg.method.name == "adamerging") if cfg.adaptive else None
     task_layer = str(cfg.method.options.get("task_layer", "head"))
@@ -339,7 +344,8 @@ def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
     run = RunShape(
         tasks=cfg.tasks, samples=data_samples(cfg) if cfg.adaptive else {}, outputs=outputs, head_params=heads,
         batch_size=int(trainer.batch_size) if trainer else 0, storage_dtype=cfg.method.storage_dtype,
-        adaptive=cfg.adaptive, lambda_rows=lambda_rows(model, granularity), experts_held=True,
+        adaptive=cfg.adaptive, lambda_rows=lambda_rows(model, granularity),
+        experts_held=get_family(cfg.model.family).holds_experts,
         tau_materialised=cfg.adaptive or not separable(cfg.method.name))
     plan = plan_memory(model, run)
     if cfg.adaptive and cfg.model.family == "hf_text":

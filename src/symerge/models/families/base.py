@@ -152,6 +152,7 @@ class Family:
     regime: ClassVar[str] = "vision"  # the adaptive trainer's default regime ("nlp" / "vision")
     task_models: ClassVar[bool] = False  # can write standalone per-task models (export.task_models)
     reads_converted: ClassVar[bool] = False  # takes a `symerge convert` output as input
+    holds_experts: ClassVar[bool] = True  # False: the loaded pool reads expert tensors lazily from their files
 
     # --- config ---
     def check_inputs(self, cfg: Any, converted: bool) -> None:

@@ -111,6 +111,7 @@ class HfText(Family):
     section = HfTextModel
     regime: ClassVar[str] = "nlp"
     task_models: ClassVar[bool] = True
+    holds_experts: ClassVar[bool] = False  # local safetensors experts stay on disk (`load_text_classifier_pool(lazy=)`)
 
     def check_data_path(self, path: Path, labeled: bool) -> str | None:
         if not path.is_file():

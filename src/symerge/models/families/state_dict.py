@@ -38,6 +38,7 @@ class StateDict(Family):
     name = "state_dict"
     section = StateDictModel
     has_forward: ClassVar[bool] = False
+    holds_experts: ClassVar[bool] = False  # tensors read one at a time from the files (`tensorio.read_lazily`)
 
     def check_inputs(self, cfg: Any, converted: bool) -> None:
         for field_name, value in config_fields(cfg):
