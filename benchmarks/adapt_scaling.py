@@ -11,7 +11,7 @@ with the same trainable head and loss. "merge build" is the share of the SyMerge
 
     python benchmarks/adapt_scaling.py [--tasks 2,4,8,16,20] [--steps 3] [--storage float32] [--processes 1]
 
-`--processes 1,2` (HOOK for issue 15, item 4: "1 vs 2 processes under torchrun at K = 8"): each extra count runs
+`--processes 1,2` (1 vs 2 processes under torchrun at K = 8): each extra count runs
 the child under `python -m torch.distributed.run --nproc_per_node N` at the K of `--distributed-tasks` and reports
 rank 0's timing. It measures a speed-up only once the trainer shards batches across ranks (symerge.adaptive
 .distributed); the child says which mode it ran in.
@@ -130,13 +130,11 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
 
 
 def distributed_world() -> tuple[int, int, str]:
-    """(rank, size, mode) — joins the process group when launched by torchrun (the lead's helper, if present)."""
+    """(rank, size, mode): joins the process group when launched by torchrun."""
+    from symerge.adaptive.distributed import ensure_process_group
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, "single process"
-    try:
-        from symerge.adaptive.distributed import ensure_process_group
-    except ImportError:
-        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]), "torchrun, no symerge DDP support"
     world = ensure_process_group("cpu")
     return world.rank, world.size, "torchrun (gloo)"
 
@@ -147,7 +145,7 @@ def run_child(args: argparse.Namespace, num_tasks: int, processes: int) -> dict[
              ["--profile", str(num_tasks)] if args.profile == num_tasks and processes == 1 else [])
     if processes == 1:
         command = [sys.executable, __file__, *child]
-    else:  # HOOK (issue 15 item 4): N ranks, rank 0 prints its figures
+    else:  # N ranks under torchrun, rank 0 prints its figures
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    __file__, *child]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -167,7 +165,7 @@ def main() -> None:
     parser.add_argument("--storage", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--samples", type=int, default=64, help="adaptation inputs per task")
     parser.add_argument("--length", type=int, default=48)
-    parser.add_argument("--processes", default="1", help="HOOK: e.g. 1,2 — torchrun ranks at --distributed-tasks")
+    parser.add_argument("--processes", default="1", help="e.g. 1,2: torchrun ranks at --distributed-tasks")
     parser.add_argument("--distributed-tasks", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="2-layer hidden-48 model (smoke test)")
     parser.add_argument("--profile", type=int, default=0, help="print a torch.profiler table for this K")
