@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 
 def synchronize(device: str) -> None:
@@ -23,6 +24,28 @@ def synchronize(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed_run(trainer: Any, steps: int, device: str = "cpu") -> tuple[float, float]:
+    """(seconds for `steps` iterations, seconds of them spent rebuilding θ = θ_pre + Σ λ τ)."""
+    merged = trainer.method.merged
+    build_times: list[float] = []
+    original = merged.params
+
+    def timed_params() -> Any:
+        start = time.perf_counter()
+        out = original()
+        build_times.append(time.perf_counter() - start)
+        return out
+
+    merged.params = timed_params
+    synchronize(device)
+    start = time.perf_counter()
+    trainer.run(stop_after=steps)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    merged.params = original
+    return seconds, sum(build_times)
 
 
 def measure(num_tasks: int, steps: int, threads: int, method: str, device: str = "cpu",
@@ -55,26 +78,11 @@ def measure(num_tasks: int, steps: int, threads: int, method: str, device: str =
                                                  layer_lr=1e-2, device=device, precision=precision))
     expert_seconds = trainer.cache.seconds
     trainer.run(stop_after=1)  # warm-up iteration
-    merged = trainer.method.merged
-    build_times: list[float] = []
-    original = merged.params
-
-    def timed_params():
-        start = time.perf_counter()
-        out = original()
-        build_times.append(time.perf_counter() - start)
-        return out
-
-    merged.params = timed_params  # type: ignore[method-assign]
-    synchronize(device)
-    start = time.perf_counter()
-    trainer.run(stop_after=steps)
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, build_seconds = timed_run(trainer, steps, device)
     return {
         "K": num_tasks, "expert_pass_s": expert_seconds, "expert_runs_per_sample": max(trainer.cache.runs_per_sample().values()),
         "iteration_s": seconds / steps, "task_step_s": seconds / (steps * num_tasks),
-        "merge_build_share": sum(build_times) / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "merge_build_share": build_seconds / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_mb": rss0, "task_vector_mb": sum(v.numel() * v.element_size() for v in tv.vectors.values()) / 2**20,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan"),
     }

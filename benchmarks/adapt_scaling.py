@@ -70,6 +70,7 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
 
     import torch
 
+    from adapt_cost import timed_run  # benchmarks/ is on sys.path when run as a script
     from symerge.adaptive import TrainerConfig, build_trainer
     from symerge.adaptive.inputs import take
 
@@ -82,20 +83,7 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
                                                  lr=1e-2, layer_lr=1e-2))
     trainer.run(stop_after=1)  # warm-up iteration (allocator, kernels)
     merged = trainer.method.merged
-    build_times: list[float] = []
-    original = merged.params
-
-    def timed_params():
-        start = time.perf_counter()
-        out = original()
-        build_times.append(time.perf_counter() - start)
-        return out
-
-    merged.params = timed_params  # type: ignore[method-assign]
-    start = time.perf_counter()
-    trainer.run(stop_after=steps)
-    seconds = time.perf_counter() - start
-    merged.params = original  # type: ignore[method-assign]
+    seconds, build_seconds = timed_run(trainer, steps)
     if profile:  # where a SyMerge iteration's time goes (one more iteration, by operator)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             trainer.run(stop_after=1)
@@ -122,7 +110,7 @@ def measure(num_tasks: int, steps: int, storage: str, samples: int, length: int,
     task_step = seconds / (steps * num_tasks)
     return {
         "K": num_tasks, "storage": storage, "iteration_s": seconds / steps, "task_step_s": task_step,
-        "lower_bound_s": lower, "ratio": task_step / lower, "merge_build_share": sum(build_times) / seconds,
+        "lower_bound_s": lower, "ratio": task_step / lower, "merge_build_share": build_seconds / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "tau_mb": sum(v.numel() * v.element_size() for v in tv.vectors.values()) / 2**20,
         "processes": world[1], "mode": world[2],

@@ -86,14 +86,19 @@ def head_spec(architecture: str) -> HeadSpec:
     return ARCHITECTURES[architecture]
 
 
-def architecture_class(architecture: str) -> type:
+def transformers_class(architecture: str) -> type:
+    """The transformers class named `architecture` (shared by the text and image families)."""
     import transformers
 
-    head_spec(architecture)
     cls = getattr(transformers, architecture, None)
     if cls is None:
         raise ValidationError(f"architecture '{architecture}' is not available in transformers {transformers.__version__}")
     return cls
+
+
+def architecture_class(architecture: str) -> type:
+    head_spec(architecture)
+    return transformers_class(architecture)
 
 
 class SequenceEncoder(nn.Module):

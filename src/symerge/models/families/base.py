@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import Tensor, nn
+from torch import nn
 
 from symerge.batching import Inputs
 from symerge.errors import FieldError, ValidationError

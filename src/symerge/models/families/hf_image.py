@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from symerge.batching import Inputs
 from symerge.errors import FieldError, ValidationError, subject
-from symerge.models.families.base import (ExportInfo, Family, LoadedModel, ModelSection, error_field, register_family,
-                                          standalone_tasks)
+from symerge.models.families.base import ExportInfo, Family, LoadedModel, ModelSection, error_field, register_family
+from symerge.models.families.hf_text import write_head_config, write_hf_task_models
 from symerge.models.families.image_folder import check_image_folder, image_files, read_image_folder
 from symerge.models.hf_text import SequenceClassificationHead as ImageClassificationHead  # modules run in order
 from symerge.models.hf_text import SequenceEncoder
@@ -72,13 +72,10 @@ def head_spec(architecture: str) -> ImageHeadSpec:
 
 
 def architecture_class(architecture: str) -> type:
-    import transformers
+    from symerge.models.hf_text import transformers_class
 
     head_spec(architecture)
-    cls = getattr(transformers, architecture, None)
-    if cls is None:
-        raise ValidationError(f"architecture '{architecture}' is not available in transformers {transformers.__version__}")
-    return cls
+    return transformers_class(architecture)
 
 
 # --- encoder / head split --------------------------------------------------------------------------------------------
@@ -363,25 +360,11 @@ class HfImage(Family):
         return {"format": "hf", "path": "encoder"}
 
     def write_head(self, task: str, head: nn.Module, root: Path, info: ExportInfo) -> None:
-        from symerge.models.hf_text import config_to_json
-
         super().write_head(task, head, root, info)
-        (root / "heads" / f"{task}.config.json").write_text(config_to_json(info.task_configs[task]) + "\n")
+        write_head_config(task, root, info)
 
     def write_task_models(self, result: Any, root: Path, info: ExportInfo) -> tuple[dict[str, str], str | None]:
-        if result.adapters:
-            return {}, f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
-        from symerge.models.hf_text import quiet_transformers
-
-        dirs = {}
-        for task in standalone_tasks(result, info):
-            model = build_classifier(info.architecture, info.task_configs[task], result.encoder_params(task),
-                                     head_state(result.heads[task]))
-            with quiet_transformers():
-                model.save_pretrained(root / "tasks" / task)
-            self.save_processor(root / "tasks" / task, info)
-            dirs[task] = f"tasks/{task}"
-        return dirs, None
+        return write_hf_task_models(result, root, info, build_classifier, self.save_processor)
 
     def load_result(self, root: Path, meta: Mapping[str, Any]) -> tuple[nn.Module, dict[str, nn.Module], Any]:
         from symerge.models.hf_text import _load_strict, config_from_json, read_config

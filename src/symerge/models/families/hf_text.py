@@ -172,26 +172,17 @@ class HfText(Family):
         return {"format": "hf", "path": "encoder"}
 
     def write_head(self, task: str, head: nn.Module, root: Path, info: ExportInfo) -> None:
-        from symerge.models.hf_text import config_to_json
-
         super().write_head(task, head, root, info)
-        (root / "heads" / f"{task}.config.json").write_text(config_to_json(info.task_configs[task]) + "\n")
+        write_head_config(task, root, info)
 
     def write_task_models(self, result: Any, root: Path, info: ExportInfo) -> tuple[dict[str, str], str | None]:
-        if result.adapters:
-            return {}, f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
-        from symerge.models.hf_text import build_classifier, quiet_transformers
+        from symerge.models.hf_text import build_classifier
 
-        dirs = {}
-        for task in standalone_tasks(result, info):
-            model = build_classifier(info.architecture, info.task_configs[task], result.encoder_params(task),
-                                     head_state(result.heads[task]))
-            with quiet_transformers():
-                model.save_pretrained(root / "tasks" / task)
-            if info.tokenizer is not None:
-                info.tokenizer.save_pretrained(root / "tasks" / task)
-            dirs[task] = f"tasks/{task}"
-        return dirs, None
+        return write_hf_task_models(result, root, info, build_classifier, self.save_preprocessor)
+
+    def save_preprocessor(self, directory: Path, info: ExportInfo) -> None:
+        if info.tokenizer is not None:
+            info.tokenizer.save_pretrained(directory)
 
     def load_result(self, root: Path, meta: Mapping[str, Any]) -> tuple[nn.Module, dict[str, nn.Module], Any]:
         import torch
@@ -221,3 +212,29 @@ class HfText(Family):
         config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
         return build_classifier(meta["architecture"], config, result.encoder_params(task),
                                 head_state(result.heads[task]))
+
+
+# --- export shared by the Hugging Face families (hf_text, hf_image) ---------------------------------------------------
+def write_head_config(task: str, root: Path, info: ExportInfo) -> None:
+    """The task's classifier config beside its head, so the head can be rebuilt without the expert."""
+    from symerge.models.hf_text import config_to_json
+
+    (root / "heads" / f"{task}.config.json").write_text(config_to_json(info.task_configs[task]) + "\n")
+
+
+def write_hf_task_models(result: Any, root: Path, info: ExportInfo, build: Any,
+                         save_preprocessor: Any) -> tuple[dict[str, str], str | None]:
+    """`tasks/<task>/`: a standalone transformers classifier (built by `build`) plus its preprocessor per task."""
+    if result.adapters:
+        return {}, f"'{result.method}' adds per-task adapters that have no transformers equivalent; use symerge.load"
+    from symerge.models.hf_text import quiet_transformers
+
+    dirs = {}
+    for task in standalone_tasks(result, info):
+        model = build(info.architecture, info.task_configs[task], result.encoder_params(task),
+                      head_state(result.heads[task]))
+        with quiet_transformers():
+            model.save_pretrained(root / "tasks" / task)
+        save_preprocessor(root / "tasks" / task, info)
+        dirs[task] = f"tasks/{task}"
+    return dirs, None
