@@ -27,12 +27,12 @@ from torch import Tensor, nn
 from symerge.batching import Inputs
 from symerge.errors import FieldError, ValidationError, subject
 from symerge.models.families.base import ExportInfo, Family, LoadedModel, ModelSection, error_field, register_family
-from symerge.models.families.hf_text import write_head_config, write_hf_task_models
+from symerge.models.families.hf_text import hf_task_model, write_head_config, write_hf_task_models
 from symerge.models.families.image_folder import check_image_folder, image_files, read_image_folder
 from symerge.models.hf_text import SequenceClassificationHead as ImageClassificationHead  # modules run in order
 from symerge.models.hf_text import SequenceEncoder
 from symerge.pool import ModelPool
-from symerge.tensorio import head_state, load_tensors
+from symerge.tensorio import load_tensors
 from symerge.validation import check_task_names
 
 
@@ -384,11 +384,4 @@ class HfImage(Family):
         return encoder.eval(), heads, None
 
     def task_model(self, root: Path, meta: Mapping[str, Any], task: str, verify: bool, load: Any) -> nn.Module:
-        from symerge.models.hf_text import config_from_json
-
-        if meta["tasks"][task].get("transformers_dir"):
-            return load_classifier(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
-        result = load(root, verify=verify)
-        config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
-        return build_classifier(meta["architecture"], config, result.encoder_params(task),
-                                head_state(result.heads[task]))
+        return hf_task_model(root, meta, task, verify, load, load_classifier, build_classifier)

@@ -204,14 +204,9 @@ class HfText(Family):
         return encoder, heads, tokenizer
 
     def task_model(self, root: Path, meta: Mapping[str, Any], task: str, verify: bool, load: Any) -> nn.Module:
-        from symerge.models.hf_text import build_classifier, config_from_json, load_classifier
+        from symerge.models.hf_text import build_classifier, load_classifier
 
-        if meta["tasks"][task].get("transformers_dir"):
-            return load_classifier(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
-        result = load(root, verify=verify)
-        config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
-        return build_classifier(meta["architecture"], config, result.encoder_params(task),
-                                head_state(result.heads[task]))
+        return hf_task_model(root, meta, task, verify, load, load_classifier, build_classifier)
 
 
 # --- export shared by the Hugging Face families (hf_text, hf_image) ---------------------------------------------------
@@ -238,3 +233,16 @@ def write_hf_task_models(result: Any, root: Path, info: ExportInfo, build: Any,
         save_preprocessor(root / "tasks" / task, info)
         dirs[task] = f"tasks/{task}"
     return dirs, None
+
+
+def hf_task_model(root: Path, meta: Mapping[str, Any], task: str, verify: bool, load: Any, load_dir: Any,
+                  build: Any) -> nn.Module:
+    """A task's transformers classifier: its `tasks/<task>/` dir if written, else rebuilt from the shared encoder and
+    the task's head + head config."""
+    from symerge.models.hf_text import config_from_json
+
+    if meta["tasks"][task].get("transformers_dir"):
+        return load_dir(str(root / meta["tasks"][task]["transformers_dir"]), f"task '{task}'").eval()
+    result = load(root, verify=verify)
+    config = config_from_json((root / "heads" / f"{task}.config.json").read_text(), result.encoder.config)
+    return build(meta["architecture"], config, result.encoder_params(task), head_state(result.heads[task]))
