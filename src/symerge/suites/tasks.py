@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from symerge.batching import Inputs
+from symerge.errors import ValidationError
 from symerge.evaluation.metrics import TaskScore, classification_score
 from symerge.result import MergeResult
 
@@ -24,6 +25,7 @@ class TaskData:
     val_labels: Tensor
     sizes: dict[str, int] = field(default_factory=dict)
     scorer: Callable[[Tensor, Tensor], TaskScore] = classification_score  # (outputs, labels) -> TaskScore
+    adapt_labels: Tensor | None = None  # true labels of `adapt`: never shown to methods, only to studies' upper bounds
     objective: str = "classification"  # what adaptive objectives treat the outputs as ("regression": L1)
 
     @property
@@ -50,6 +52,13 @@ class TaskPool(Mapping[str, TaskData]):
         """Unlabeled adaptation inputs per task: the adaptation split ("held-out") or the test inputs
         ("transductive")."""
         return {t: (d.adapt if protocol == "held-out" else d.test) for t, d in self._tasks.items()}
+
+    def adapt_targets(self, protocol: str) -> dict[str, Tensor]:
+        """True labels of `adapt_inputs(protocol)` (studies' label-using references only; never given to methods)."""
+        missing = [t for t, d in self._tasks.items() if protocol == "held-out" and d.adapt_labels is None]
+        if missing:
+            raise ValidationError(f"task '{missing[0]}' has no adaptation labels (TaskData.adapt_labels): this needs them")
+        return {t: (d.adapt_labels if protocol == "held-out" else d.test_labels) for t, d in self._tasks.items()}
 
     def score(self, result: MergeResult, device: str, split: str = "test") -> dict[str, TaskScore]:
         """Each task's TaskScore (its data's scorer) on the test (or validation) split."""

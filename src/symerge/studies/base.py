@@ -1,0 +1,187 @@
+"""What every study shares: the registry, the context a study runs in, and running one adaptive variant.
+
+A study is a function `study(ctx: StudyContext) -> StudyOutput`, registered once with
+
+    @register_study("ablation", reproduces="paper Table 5 and Table B")
+    def ablation(ctx): ...
+
+It gets a built benchmark (pretrained encoder, experts, heads, task pool) and the suite's adaptation settings, runs
+what it needs (most studies are a list of `Variant`s: one adaptive method with options), and returns JSON-able
+data, a Markdown section and figures. `studies.runner` builds the benchmark per suite / seed and writes the output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from symerge.adaptive.experts import ExpertCache, compute_expert_cache
+from symerge.adaptive.merged_encoder import MergedEncoder
+from symerge.batching import Inputs
+from symerge.errors import ValidationError
+from symerge.evaluation.metrics import mean, normalized
+from symerge.result import MergeResult
+from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, primary_scores
+from symerge.taskvectors import TaskVectors
+
+Figure = Callable[[Path], None]  # draws one figure into the given file path
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One adaptive run of a study: a row label, the adaptive method, its options, and TrainerConfig overrides."""
+
+    label: str
+    method: str = "symerge"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    trainer: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"lr": 1e-3}; unset = the suite's settings
+
+
+@dataclass
+class VariantOutcome:
+    label: str
+    per_task: dict[str, float]
+    average: float
+    normalized_average: float
+    seconds: float
+    result: MergeResult
+
+    def row(self) -> dict[str, Any]:
+        """The JSON-able part (the result stays in memory)."""
+        return {"label": self.label, "per_task": self.per_task, "average": self.average,
+                "normalized_average": self.normalized_average, "seconds": self.seconds}
+
+
+@dataclass
+class StudyOutput:
+    """What a study returns: JSON-able data, a Markdown body, and figures {file name: draw(path)}."""
+
+    data: dict[str, Any]
+    markdown: str
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+
+@dataclass
+class StudyContext:
+    """A built benchmark and how to adapt on it; caches what several variants share (task vectors, expert passes)."""
+
+    suite: str
+    bench: Benchmark
+    settings: AdaptSettings  # the suite's adaptation settings (seed, device and precision applied)
+    protocol: str
+    seed: int
+    quick: bool
+    reference: dict[str, float]  # each expert's own test score (normalized accuracy's denominator)
+    progress: bool = True
+    log: Callable[[str], None] = print
+    _tv: TaskVectors | None = None
+    _caches: dict[float, ExpertCache] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.bench.task_names
+
+    @property
+    def device(self) -> str:
+        return str(self.settings.device)
+
+    def task_vectors(self) -> TaskVectors:
+        if self._tv is None:
+            self._tv = self.bench.task_vectors(self.settings.storage_dtype)
+        return self._tv
+
+    def adapt_inputs(self) -> dict[str, Inputs]:
+        return self.bench.tasks.adapt_inputs(self.protocol)
+
+    def adapt_labels(self) -> dict[str, Tensor]:
+        """True labels of the adaptation inputs (label-using references only)."""
+        return self.bench.tasks.adapt_targets(self.protocol)
+
+    def expert_cache(self, scale: float = 1.0) -> ExpertCache:
+        """The teachers' outputs on the adaptation inputs: θ_pre + scale · τ_k with task k's head (1.0 = the experts)."""
+        if scale not in self._caches:
+            merged = MergedEncoder(self.bench.encoder, self.task_vectors()).to(self.device)
+            self._caches[scale] = compute_expert_cache(merged, dict(self.bench.heads), self.adapt_inputs(), 64,
+                                                       self.device, self.progress, self.settings.precision,
+                                                       scale=scale)
+        return self._caches[scale]
+
+    def normalized(self, per_task: Mapping[str, float]) -> float:
+        return mean(normalized(dict(per_task), self.reference))
+
+    def score(self, result: MergeResult) -> dict[str, float]:
+        return primary_scores(result, self.bench, self.device)
+
+    def run_variant(self, variant: Variant, cache: ExpertCache | None = None) -> VariantOutcome:
+        """Train one variant with the suite's settings (plus its overrides) and score it on the test split."""
+        settings = self.settings.model_copy(update={
+            "per_method": {**self.settings.per_method, variant.method: {
+                **self.settings.per_method.get(variant.method, {}), **variant.trainer}},
+            "method_options": {**self.settings.method_options, variant.method: {
+                **self.settings.method_options.get(variant.method, {}), **variant.options}},
+            "curve": [],
+        })
+        start = time.perf_counter()
+        result, _curve, scores = adaptive_result(
+            variant.method, self.bench, self.task_vectors(), self.adapt_inputs(), cache or self.expert_cache(),
+            settings, self.progress, lambda accs: {})
+        seconds = float(result.provenance.get("adapt_seconds", time.perf_counter() - start))
+        per_task = {t: s.primary for t, s in scores.items()}
+        outcome = VariantOutcome(variant.label, per_task, mean(per_task), self.normalized(per_task), seconds, result)
+        self.log(f"{variant.label:>28s}: normalized {outcome.normalized_average:.4f} ({seconds:.0f}s)")
+        return outcome
+
+    def run_variants(self, variants: list[Variant]) -> dict[str, VariantOutcome]:
+        return {v.label: self.run_variant(v) for v in variants}
+
+
+StudyFn = Callable[[StudyContext], StudyOutput]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    fn: StudyFn
+    reproduces: str  # the paper's figure / table this study reproduces
+    summary: str  # one line for `symerge study --list` and the README
+
+
+STUDIES: dict[str, StudySpec] = {}
+
+
+def register_study(name: str, *, reproduces: str, summary: str) -> Callable[[StudyFn], StudyFn]:
+    """Function decorator: register a study under `name`."""
+
+    def wrap(fn: StudyFn) -> StudyFn:
+        if name in STUDIES and STUDIES[name].fn is not fn:
+            raise ValueError(f"study '{name}' is already registered")
+        STUDIES[name] = StudySpec(name, fn, reproduces, summary)
+        return fn
+
+    return wrap
+
+
+def study_names() -> list[str]:
+    return list(STUDIES)
+
+
+def get_study(name: str) -> StudySpec:
+    if name not in STUDIES:
+        raise ValidationError(f"unknown study '{name}'; available: {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def variants_table(outcomes: Mapping[str, VariantOutcome], tasks: list[str]) -> str:
+    """Markdown table: one row per variant, per-task score (%), average and normalized average."""
+    header = ["variant", *tasks, "avg", "norm. avg", "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for o in outcomes.values():
+        cells = [o.label, *(f"{100 * o.per_task[t]:.1f}" for t in tasks), f"{100 * o.average:.1f}",
+                 f"**{100 * o.normalized_average:.1f}**", f"{o.seconds:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
