@@ -289,3 +289,14 @@ def test_convert_output_is_a_valid_merge_input(task_vectors_dir, tmp_path, capsy
     cfg["output_dir"] = "merged2"
     assert main(["merge", str(hf_tiny.write_config(tmp_path / "sd.yaml", **cfg))]) == 2
     assert "family: clip" in capsys.readouterr().err and not (tmp_path / "merged2").exists()
+
+
+def test_a_report_with_no_merged_method_still_writes(tmp_path):
+    """`--methods individual` (e.g. to warm the expert cache) used to crash plotting after all the work."""
+    from symerge.report.plots import make_plots
+
+    report = {"tasks": [{"name": "a"}], "methods": {"individual": {"normalized_average": 1.0, "average": 0.9, "per_task": {"a": 0.9},
+                                         "curve": []}}}
+    plots = make_plots(report, tmp_path)
+    assert "normalized accuracy" not in plots
+    assert (tmp_path / "accuracy.png").exists()

@@ -189,7 +189,7 @@ def make_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
     jobs = [
         ("accuracy by method and task", "accuracy.png", accuracy_heatmap, per_task_is_scalar(report)),
         ("gap closed per metric", "gap_closed.png", gap_closed_bars, bool(report.get("gap_closed", {}).get("methods"))),
-        ("normalized accuracy", "normalized.png", normalized_bars, True),
+        ("normalized accuracy", "normalized.png", normalized_bars, any(m != "individual" for m in report["methods"])),
         ("quality vs adaptation iterations", "iterations.png", iteration_curves,
          any(e.get("curve") for e in report["methods"].values())),
         ("cross-task matrices", "cross_task.png", cross_task_heatmaps, "cross_task" in report),
