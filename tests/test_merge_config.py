@@ -121,7 +121,7 @@ BAD_INPUTS = {
     nan_weights: r"model\.experts\.beta: expert 'beta': tensor 'encoder\.layer\.1\.output\.dense\.weight' has 3 non-finite value",
     wrong_class_names: r"model\.class_names\.alpha: 3 class names, but expert 'alpha' has 2 labels \(head tensor "
                        r"'classifier\.bias' has output width 2\)",
-    unknown_method: r"method\.name: unknown method 'tiez'; static: \[.*'ties'.*\]; adaptive: \[.*'symerge'\]",
+    unknown_method: r"method\.name: unknown method 'tiez'; static: \[.*'ties'.*\]; adaptive: \[.*'symerge'.*\]",
     unknown_static_option: r"method\.options\.densty: method 'ties' has no option 'densty'; valid options: \[.*'density'",
     unknown_adaptive_option: r"method\.options\.task_layr: method 'symerge' has no option 'task_layr'; valid options: "
                              r"\[.*'task_layer'",

@@ -56,7 +56,7 @@ def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
         expert={"steps": 30, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2}, freeze_word_embeddings=False,
         adapt=AdaptSettings(steps=6, batch_size=8, curve=[3, 6]), cross_task_samples=20,
         methods=["pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
-                 "adamerging", "surgery", "symerge"],
+                 "adamerging", "surgery", "symerge", "wemoe"],
     )
     out = tmp_path / "run"
     run_text_suite(cfg, out, model_dir=model_dir, tasks=tasks, progress=False, log=lambda _: None)
@@ -78,8 +78,10 @@ def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
     assert "task_arithmetic" in on_disk["head_transfer"]
     for name in ("accuracy.png", "normalized.png", "cross_task.png", "lambda_symerge.png", "loss.png", "iterations.png"):
         assert (out / name).stat().st_size > 1000, name
+    assert on_disk["methods"]["wemoe"]["inference_cost"]["router_params"] > 0
     markdown = (out / "report.md").read_text()
     assert "| symerge |" in markdown or "| **symerge** |" in markdown
+    assert "## Inference cost" in markdown
     assert "Quality vs adaptation iterations" in markdown
     # experts are cached: a second run fine-tunes nothing
     messages: list[str] = []

@@ -102,6 +102,7 @@ def test_vision_suite_pipeline_on_tiny_cnn(tmp_path, monkeypatch):
     assert len(cross["original"]) == 3 and len(cross["symerge"][0]) == 3
     assert "task_arithmetic" in on_disk["head_transfer"]
     assert on_disk["batchnorm"] == {"finetune": "frozen (eval mode)", "after_merge": "not re-estimated"}
+    assert on_disk["methods"]["wemoe"]["inference_cost"]["units"] == 2  # TinyCNN: one unit per conv block
     for name in ("accuracy.png", "normalized.png", "cross_task.png", "lambda_symerge.png", "loss.png", "iterations.png"):
         assert (out / name).stat().st_size > 1000, name
     markdown = (out / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""`symerge` command line: benchmarks and method listing."""
+"""`symerge` command line: benchmarks, the paper's studies, merging and method listing."""
 
 from __future__ import annotations
 
@@ -87,6 +87,61 @@ def cmd_bench_dense(args: argparse.Namespace) -> int:
     return run_bench(args, "dense", DenseSuiteConfig, run_dense_suite, {})
 
 
+def parse_seeds(value: str) -> list[int]:
+    """argparse type: comma-separated integer seeds ("0,1,2")."""
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a comma-separated list of integers") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return seeds
+
+
+def print_study_list() -> None:
+    from symerge.studies.base import STUDIES
+
+    width = max(len(name) for name in STUDIES)
+    for spec in STUDIES.values():
+        print(f"{spec.name:<{width}}  {spec.reproduces}\n{'':<{width}}  {spec.summary}")
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """`symerge study NAME --suite S`: options -> config -> run the study per seed -> headline on stdout."""
+    import torch
+
+    import symerge.studies  # noqa: F401  (registers the built-in studies)
+    from symerge.atomic import prepare_output_dir
+    from symerge.errors import ValidationError
+    from symerge.studies.base import get_study
+    from symerge.studies.runner import STUDY_FILES, check_seeds, run_study, suite_parts
+
+    if args.list:
+        print_study_list()
+        return 0
+    if not args.name:
+        raise ValidationError("give a study name (`symerge study --list` shows them)")
+    spec = get_study(args.name)
+    config_cls, _build, _count = suite_parts(args.suite)
+    seeds = check_seeds(args.seeds)
+    overrides: dict[str, Any] = {"seed": seeds[0], "device": args.device}
+    if args.tasks:
+        overrides["tasks"] = parse_methods(args.tasks)
+    cfg = suite_config(config_cls, args.quick, overrides)
+    out = Path(args.out or f"runs/study-{spec.name}-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}")
+    prepare_output_dir(out, args.overwrite, STUDY_FILES)  # before any work (run_study checks again)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = run_study(spec.name, args.suite, cfg, out, seeds, progress=not args.no_progress,
+                       overwrite=args.overwrite, steps=args.steps)
+    print()
+    for name, value in record["headline"].items():
+        shown = f"{value['mean']:.4f} ± {value['std']:.4f}" if isinstance(value, dict) else f"{value:.4f}"
+        print(f"{name:>48s}: {shown}")
+    print(f"\nstudy: {out / 'study.md'}  ({record['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_methods(_: argparse.Namespace) -> int:
     from symerge.adaptive import adaptive_methods
     from symerge.merging import available_methods
@@ -130,6 +185,27 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     return parser
 
 
+def add_study_parser(sub: Any) -> argparse.ArgumentParser:
+    """`symerge study NAME --suite S` (and `symerge study --list`)."""
+    parser = sub.add_parser("study", help="reproduce one of the paper's studies on a suite (--list shows them)")
+    parser.add_argument("name", nargs="?", help="study name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the studies and what each reproduces")
+    parser.add_argument("--suite", default="text", help="text, vision or dense (default: text)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: the suite's)")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0],
+                        help="comma-separated seeds, e.g. 0,1,2 (several: one folder per seed plus mean ± std)")
+    parser.add_argument("--quick", action="store_true", help="the suite's quick preset (small sizes, short training)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="adaptation steps of every variant "
+                        "(default: the suite's)")
+    parser.add_argument("--out", help="output dir (default runs/study-<name>-<suite>-<timestamp>)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing study output dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=cmd_study)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symerge", description="Multi-task model merging (SyMerge and baselines).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(off by default: measured harmful, the experts were trained under the pretrained ones)")
     add_bench_parser(suites, "dense", "ImageNet MobileNetV2: segmentation, depth and normals on exact synthetic scenes",
                      "segmentation,depth,normals", "smoke run: few scenes, short training", cmd_bench_dense)
+    add_study_parser(sub)
     merge = sub.add_parser("merge", help="merge your own checkpoints as described by a YAML config")
     merge.add_argument("config", help="config file (see README, 'Merging your own checkpoints')")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output dir")

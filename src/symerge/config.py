@@ -21,7 +21,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from symerge.adaptive.config import TrainerConfig
-from symerge.adaptive.registry import adaptive_methods, is_adaptive
+from symerge.adaptive.registry import adaptive_methods, get_adaptive, is_adaptive
 from symerge.devices import check_precision, device_problem
 from symerge.errors import FieldError, ValidationError
 from symerge.models.families import family_names, forward_families, get_family, model_section_type, task_model_families
@@ -251,6 +251,10 @@ def check_rules(cfg: MergeConfig) -> None:
             for name in ("seed", "device"):
                 if name in method.trainer.model_fields_set:
                     raise fail(cfg, f"method.trainer.{name}", f"set the top-level '{name}' instead")
+        if not getattr(get_adaptive(method.name).cls, "exportable", True):
+            raise fail(cfg, "method.name", f"adaptive method '{method.name}' gives an encoder whose weights depend on "
+                       "the input, which `symerge merge` cannot write; run it with symerge.adaptive.adapt (keep the "
+                       "result with torch.save) or in the suites")
         if not family.has_forward:
             raise fail(cfg, "method.name", f"adaptive method '{method.name}' needs a model with a forward pass "
                        f"(family {' or '.join(forward_families())}); family '{model.family}' supports the static "

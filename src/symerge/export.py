@@ -75,6 +75,10 @@ def write_result(
     overwrite: bool = False,
 ) -> Path:
     """Write `result` (see the module docstring for the layout); refuse an existing `output_dir` unless `overwrite`."""
+    if getattr(result.encoder, "input_dependent_weights", False):
+        raise ValidationError(f"a '{result.method}' result cannot be exported: its encoder mixes its weights per "
+                              "input, so there is no single encoder to write; keep it with torch.save(result, path) "
+                              "and torch.load(path, weights_only=False)")
     out = Path(output_dir)
     prepare_output_dir(out, overwrite, (METADATA_FILE,))
     with atomic_directory(out, replace=overwrite, manifests=(METADATA_FILE,)) as tmp:

@@ -24,6 +24,7 @@ from symerge.adaptive.registry import adaptive_methods, get_adaptive, register_a
 from symerge.adaptive.surgery import Surgery
 from symerge.adaptive.symerge_method import SyMerge
 from symerge.adaptive.trainer import Trainer
+from symerge.adaptive.wemoe import WEMoE
 from symerge.batching import Inputs
 from symerge.devices import at_least_fp32, floating_dtype, module_on
 from symerge.errors import ValidationError
@@ -32,7 +33,7 @@ from symerge.taskvectors import TaskVectors
 
 __all__ = [
     "adapt", "build_trainer", "adaptive_methods", "register_adaptive", "TrainerConfig", "REGIMES", "ExpertCache",
-    "MergedEncoder", "compute_expert_cache", "Trainer", "AdaMerging", "Surgery", "SyMerge",
+    "MergedEncoder", "compute_expert_cache", "Trainer", "AdaMerging", "Surgery", "SyMerge", "WEMoE",
 ]
 
 LambdaInit = float | Tensor | MergeResult | str | None
@@ -72,7 +73,7 @@ def build_trainer(
     """Set up an adaptive method (expert outputs computed once here, unless `cache` is given) and its trainer."""
     spec = get_adaptive(method)
     cfg = config if isinstance(config, TrainerConfig) else TrainerConfig(**(config or {}))
-    cfg = cfg.resolved(coefficients_only=spec.coefficients_only)
+    cfg = cfg.resolved(coefficients_only=spec.trains_coefficients_only(method_options))
     cfg = cfg.model_copy(update={"device": rank_device(cfg.device)})
     ensure_process_group(cfg.device)  # under torchrun: join the group (data-parallel adaptation)
     missing = [t for t in task_vectors.tasks if t not in inputs]
@@ -84,21 +85,21 @@ def build_trainer(
     merged = MergedEncoder(encoder, task_vectors, granularity=chosen_granularity, init=lambda_init, clamp=clamp).to(cfg.device)
     # Copies on the device (the caller's heads stay where they are), in fp32 at least: heads are the trained layer.
     heads_on_device = {t: module_on(h, cfg.device, dtype=at_least_fp32(floating_dtype(h))) for t, h in heads.items()}
-    if cache is None:
-        cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress,
-                                     cfg.precision)
     options = dict(method_options)
-    try:
+    try:  # before the expert pass: an option that does not fit the model fails without that work
         adaptive = spec.cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
     except TypeError as err:
         raise ValidationError(f"adaptive method '{method}': {err}") from None
+    if cache is None:
+        cache = compute_expert_cache(merged, heads_on_device, dict(inputs), cfg.expert_batch_size, cfg.device, cfg.progress,
+                                     cfg.precision)
     fingerprint = None
     if cfg.checkpoint_path is not None:  # only a checkpointed run needs one (it hashes every weight once)
         fingerprint = run_fingerprint(
             method=method, options=options, config=cfg,
             tasks=list(task_vectors.tasks), task_kinds=adaptive.task_kinds, granularity=chosen_granularity, clamp=clamp,
             init=lambda_init, inputs=inputs, pretrained=task_vectors.pretrained, task_vectors=task_vectors.vectors,
-            heads=heads,
+            heads=heads, teacher_scale=cache.scale,
         )
     return Trainer(adaptive, dict(inputs), cache, cfg, method_options=options, fingerprint=fingerprint)
 

@@ -7,6 +7,7 @@ memory is cheap).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +20,21 @@ from symerge.adaptive.distributed import current_world, gather_rows, shard_range
 from symerge.batching import Inputs, batch_indices, encode_all, num_samples, take
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.devices import autocast, floating_dtype, module_on
+from symerge.errors import ValidationError
 
 
 @dataclass
 class ExpertCache:
-    """Per task: expert head outputs [N, ...] and encoder features [N, ...] on the adaptation inputs."""
+    """Per task: the teacher's head outputs [N, ...] and encoder features [N, ...] on the adaptation inputs.
+
+    The teacher of task k is θ_pre + scale · τ_k with task k's head; `scale` 1.0 (the default) is the expert itself.
+    """
 
     outputs: dict[str, Tensor]
     features: dict[str, Tensor]
     forward_passes: dict[str, int] = field(default_factory=dict)  # samples the expert encoder actually ran on
     seconds: float = 0.0
+    scale: float = 1.0  # teacher = θ_pre + scale · τ_k (paper Fig. 6a); part of a checkpointed run's fingerprint
 
     def runs_per_sample(self) -> dict[str, float]:
         return {t: self.forward_passes[t] / max(len(self.outputs[t]), 1) for t in self.outputs}
@@ -64,13 +70,17 @@ def compute_expert_cache(
     device: torch.device | str = "cpu",
     progress: bool = False,
     precision: str = "fp32",
+    scale: float = 1.0,
 ) -> ExpertCache:
-    """Run each expert (θ_pre + τ_k with its own head) once over its task's adaptation inputs.
+    """Run each teacher (θ_pre + scale · τ_k with task k's head; scale 1.0 = the expert) once over its task's
+    adaptation inputs.
 
     Under torchrun each rank runs its contiguous slice and the slices are gathered, so every rank holds the whole
     cache after ~1/N of the work."""
     from tqdm.auto import tqdm
 
+    if not math.isfinite(scale):
+        raise ValidationError(f"teacher scale must be a finite number, got {scale!r}")
     start = time.perf_counter()
     outputs: dict[str, Tensor] = {}
     features: dict[str, Tensor] = {}
@@ -78,7 +88,7 @@ def compute_expert_cache(
     world = current_world()
     merged.encoder.eval()
     for task in tqdm(merged.tasks, desc="expert outputs", disable=not (progress and world.is_main), leave=False):
-        params = merged.task_params(task)
+        params = merged.task_params(task, scale)
         head = module_on(heads[task], device).eval()
         mine = take(inputs[task], shard_range(num_samples(inputs[task]), world))
         with count_samples(merged.encoder) as seen, autocast(device, precision):
@@ -89,4 +99,5 @@ def compute_expert_cache(
         features[task], outputs[task] = gather_rows(local, world), gather_rows(local_out, world)
         passes[task] = int(sum_scalars([seen[0]], world)[0])
         del params
-    return ExpertCache(outputs=outputs, features=features, forward_passes=passes, seconds=time.perf_counter() - start)
+    return ExpertCache(outputs=outputs, features=features, forward_passes=passes, seconds=time.perf_counter() - start,
+                       scale=float(scale))

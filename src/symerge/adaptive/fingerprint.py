@@ -59,7 +59,7 @@ def jsonable(value: Any) -> Any:
 def run_fingerprint(
     *, method: str, options: Mapping[str, Any], config: TrainerConfig, tasks: list[str], task_kinds: Mapping[str, str],
     granularity: str, clamp: Any, init: Any, inputs: Mapping[str, Inputs], pretrained: Mapping[str, Tensor],
-    task_vectors: Mapping[str, Tensor], heads: Mapping[str, nn.Module],
+    task_vectors: Mapping[str, Tensor], heads: Mapping[str, nn.Module], teacher_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Flat {field: value or digest} of everything the result depends on."""
     trainer = {k: v for k, v in config.model_dump(mode="json").items() if k not in EXECUTION_ONLY}
@@ -75,6 +75,8 @@ def run_fingerprint(
         "pretrained": tensors_digest(sorted(pretrained.items())),
         "task_vectors": tensors_digest(sorted(task_vectors.items())),
     }
+    if teacher_scale != 1.0:  # teachers θ_pre + scale · τ_k; absent at 1.0 so earlier checkpoints still resume
+        flat["teacher_scale"] = float(teacher_scale)
     for task in tasks:
         flat[f"data.{task}"] = inputs_digest(inputs[task])
         flat[f"heads.{task}"] = module_digest(heads[task])

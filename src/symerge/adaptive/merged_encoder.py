@@ -33,12 +33,20 @@ def default_init(num_tasks: int) -> float:
     return 0.3 if num_tasks <= 8 else 0.1
 
 
-def block_of(key: str) -> str:
-    """Group name of a tensor: its numbered block if the name has one, else the tensor's module path."""
+def numbered_block(key: str) -> str | None:
+    """The numbered block a tensor belongs to ("encoder.layer.3."), or None when its name has no block number."""
     for pattern in BLOCK_PATTERNS:
         match = re.search(pattern, key)
         if match:
             return key[: match.end()]
+    return None
+
+
+def block_of(key: str) -> str:
+    """Group name of a tensor: its numbered block if the name has one, else the tensor's module path."""
+    block = numbered_block(key)
+    if block is not None:
+        return block
     return key.rsplit(".", 1)[0] if "." in key else key
 
 
@@ -184,10 +192,11 @@ class MergedEncoder(nn.Module):
             params.update(overrides)
         return call_module(self.encoder, inputs, params)
 
-    def task_params(self, task: int | str) -> dict[str, Tensor]:
-        """θ_pre + τ_k for one expert (no λ): the expert's own encoder, for caching its outputs."""
+    def task_params(self, task: int | str, scale: float = 1.0) -> dict[str, Tensor]:
+        """θ_pre + scale · τ_k for one task (no λ): the expert's own encoder at scale 1, for caching its outputs; a
+        partial expert otherwise (paper Fig. 6a composes the teacher as θ_pre + α τ_k)."""
         index = self.tasks.index(task) if isinstance(task, str) else task
-        return self.scaled_params(torch.nn.functional.one_hot(torch.tensor(index), len(self.tasks)).float())
+        return self.scaled_params(scale * torch.nn.functional.one_hot(torch.tensor(index), len(self.tasks)).float())
 
     def scaled_params(self, weights: Tensor) -> dict[str, Tensor]:
         """θ_pre + Σ_k w_k τ_k for a fixed weight vector `weights` [K] (e.g. one task vector scaled)."""

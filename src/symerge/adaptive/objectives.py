@@ -6,8 +6,14 @@
     merged model is more confident;
   * "paper" (App. A.1 literal): drop whenever the merged model's top-1 confidence exceeds the expert's;
   * "none": keep everything.
-- `self_label_loss`: CE to the expert's hard label (or KL to its soft prediction) over the kept samples; returns
-  None when nothing is kept, so the caller makes no update (instead of the official code's NaN).
+- `self_label_loss`: one of the `SELF_LABEL_LOSSES` (paper Fig. C) between the merged output and the cached teacher
+  output, over the samples the filter keeps; returns None when nothing is kept, so the caller makes no update
+  (instead of the official code's NaN). "ce" (hard label, the paper's and the default) and "kl" (soft) are the
+  distributional ones; "js" (Jensen–Shannon of the softmaxes), "l1" / "smooth_l1" / "l2" (on the logits, mean over
+  logit entries) and "cosine" (1 − cos of the logit vectors) follow Fig. C; "entropy" is AdaMerging's and ignores
+  the teacher. The confidence filter is a sample selection, so it applies to every loss that uses the teacher
+  (the same samples for every distance); "entropy" has no teacher and always uses every sample. `temperature`
+  softens "kl" and "js" (scaled by T² as usual) and is ignored by the others.
 - `l1_loss`: L1 to the expert output (regression / dense maps / Surgery features).
 
 Each objective returns a `LossTerm`: the mean and the number of units it averages (samples, kept samples, pixels,
@@ -19,6 +25,9 @@ Both arguments of every objective must be on one device: the caller moves the ca
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,6 +38,7 @@ from symerge.errors import ValidationError
 
 FILTER_RULES = ("code", "paper", "none")
 LABEL_TYPES = ("hard", "soft")
+LABELS_AS_LOSS = {"hard": "ce", "soft": "kl"}  # the older `labels` option, as a loss name
 
 
 class LossTerm(NamedTuple):
@@ -55,23 +65,100 @@ def confidence_keep_mask(merged_logits: Tensor, expert_logits: Tensor, rule: str
     return (merged_label == expert_label) | (expert_conf >= merged_conf)
 
 
-def self_label_loss(
-    merged_logits: Tensor, expert_logits: Tensor, rule: str = "code", labels: str = "hard", temperature: float = 1.0
-) -> LossTerm | None:
-    """CE (hard) or KL (soft) between the merged prediction and the expert's, on the samples the filter keeps."""
-    if labels not in LABEL_TYPES:
-        raise ValidationError(f"labels must be one of {LABEL_TYPES}, got '{labels}'")
-    keep = confidence_keep_mask(merged_logits, expert_logits, rule)
-    kept = int(keep.sum())
-    if kept == 0:
-        return None
-    merged = move_class_last(merged_logits.float())[keep]
-    expert = move_class_last(expert_logits.float())[keep]
-    if labels == "hard":
-        return LossTerm(F.cross_entropy(merged, expert.argmax(dim=-1)), kept)
+# --- self-supervised objectives against the teacher: rows [R, C] of merged and teacher logits -------------------
+def _ce(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return LossTerm(F.cross_entropy(merged, teacher.argmax(dim=-1)), len(merged))
+
+
+def _kl(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
     log_p = F.log_softmax(merged / temperature, dim=-1)
-    target = F.log_softmax(expert / temperature, dim=-1)
-    return LossTerm(F.kl_div(log_p, target, log_target=True, reduction="batchmean") * temperature**2, kept)
+    target = F.log_softmax(teacher / temperature, dim=-1)
+    return LossTerm(F.kl_div(log_p, target, log_target=True, reduction="batchmean") * temperature**2, len(merged))
+
+
+def _js(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    log_p = F.log_softmax(merged / temperature, dim=-1)
+    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)  # log of the mixture (p + q) / 2
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=-1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(dim=-1)
+    return LossTerm((0.5 * (kl_pm + kl_qm)).mean() * temperature**2, len(merged))
+
+
+def _entropy(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return entropy_loss(merged)
+
+
+def _l1(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return LossTerm(F.l1_loss(merged, teacher), merged.numel())
+
+
+def _smooth_l1(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return LossTerm(F.smooth_l1_loss(merged, teacher, beta=1.0), merged.numel())
+
+
+def _l2(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return LossTerm(F.mse_loss(merged, teacher), merged.numel())
+
+
+def _cosine(merged: Tensor, teacher: Tensor, temperature: float) -> LossTerm:
+    return LossTerm((1.0 - F.cosine_similarity(merged, teacher, dim=-1)).mean(), len(merged))
+
+
+@dataclass(frozen=True)
+class SelfLabelLoss:
+    """One objective of the registry: `fn(merged_rows, teacher_rows, temperature)` and whether it reads the teacher
+    (only those are confidence-filtered)."""
+
+    fn: Callable[[Tensor, Tensor, float], LossTerm]
+    uses_teacher: bool = True
+
+
+SELF_LABEL_LOSSES: dict[str, SelfLabelLoss] = {
+    "ce": SelfLabelLoss(_ce),
+    "kl": SelfLabelLoss(_kl),
+    "js": SelfLabelLoss(_js),
+    "entropy": SelfLabelLoss(_entropy, uses_teacher=False),
+    "l1": SelfLabelLoss(_l1),
+    "smooth_l1": SelfLabelLoss(_smooth_l1),
+    "l2": SelfLabelLoss(_l2),
+    "cosine": SelfLabelLoss(_cosine),
+}
+LOSSES = tuple(SELF_LABEL_LOSSES)
+
+
+def resolve_loss(loss: str | None, labels: str | None) -> str:
+    """The loss name from `loss` and the older alias `labels` ("hard" = "ce", "soft" = "kl"); default "ce"."""
+    if loss is not None and loss not in SELF_LABEL_LOSSES:
+        raise ValidationError(f"loss must be one of {list(LOSSES)}, got '{loss}'")
+    if labels is None:
+        return loss or "ce"
+    if labels not in LABELS_AS_LOSS:
+        raise ValidationError(f"labels must be one of {list(LABEL_TYPES)}, got '{labels}'")
+    implied = LABELS_AS_LOSS[labels]
+    if loss is not None and loss != implied:
+        raise ValidationError(f"labels='{labels}' means loss='{implied}', which contradicts loss='{loss}'; "
+                              "give only `loss`")
+    return implied
+
+
+def self_label_loss(
+    merged_logits: Tensor, expert_logits: Tensor, rule: str = "code", labels: str | None = None,
+    temperature: float = 1.0, loss: str | None = None,
+) -> LossTerm | None:
+    """`loss` (default "ce"; `labels` is its older alias) between the merged prediction and the teacher's, on the
+    samples the confidence filter keeps (every sample for "entropy", which does not read the teacher)."""
+    spec = SELF_LABEL_LOSSES[resolve_loss(loss, labels)]
+    merged = move_class_last(merged_logits.float())
+    expert = move_class_last(expert_logits.float())
+    if spec.uses_teacher:
+        keep = confidence_keep_mask(merged_logits, expert_logits, rule)
+        if not bool(keep.any()):
+            return None
+        merged, expert = merged[keep], expert[keep]
+    else:
+        merged, expert = merged.reshape(-1, merged.shape[-1]), expert.reshape(-1, expert.shape[-1])
+    return spec.fn(merged, expert, temperature)
 
 
 def l1_loss(merged_output: Tensor, expert_output: Tensor) -> LossTerm:

@@ -21,6 +21,7 @@ from typing import Any
 from symerge.errors import ValidationError
 
 Check = Callable[[Any], None]
+CoefficientsOnly = bool | Callable[[Mapping[str, Any]], bool]  # fixed, or decided by the run's options
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,15 @@ class AdaptiveSpec:
     name: str
     cls: type  # an `AdaptiveMethod` subclass; built as cls(merged, heads, task_kinds=..., **options)
     granularity: str = "tensor"  # default λ granularity ("tensor": one λ per tensor and task; "task": one per task)
-    coefficients_only: bool = False  # trains λ alone: the regime's coefficient-only learning rate (paper App. A.1)
+    coefficients_only: CoefficientsOnly = False  # trains λ alone: the regime's coefficient-only rate (App. A.1)
     learns_lambdas: bool = True  # λ is trained (its λ map and loss history go into suite reports)
     checks: Mapping[str, Check] = field(default_factory=dict)  # value checks of the method's own options
+
+    def trains_coefficients_only(self, options: Mapping[str, Any]) -> bool:
+        """Whether a run with these options trains λ alone (SyMerge with `train_layer=False` does)."""
+        if callable(self.coefficients_only):
+            return bool(self.coefficients_only(options))
+        return self.coefficients_only
 
 
 ADAPTIVE: dict[str, AdaptiveSpec] = {}
@@ -42,7 +49,7 @@ def register_adaptive(
     name: str,
     *,
     granularity: str = "tensor",
-    coefficients_only: bool = False,
+    coefficients_only: CoefficientsOnly = False,
     learns_lambdas: bool = True,
     checks: Mapping[str, Check] | None = None,
 ) -> Callable[[type], type]:

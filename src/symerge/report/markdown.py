@@ -89,6 +89,19 @@ def transfer_section(report: Mapping[str, Any]) -> str:
     return table(["encoder", "heads", "avg", "norm. avg"], rows)
 
 
+def inference_cost_table(report: Mapping[str, Any]) -> str:
+    """Methods whose merged model is more than one encoder (WEMoE): what they keep and how much slower they run."""
+    rows = []
+    for name, entry in report["methods"].items():
+        cost = entry.get("inference_cost")
+        if cost:
+            slowdown = f"{cost['slowdown']:.2f}×" if "slowdown" in cost else "-"
+            rows.append([name, f"{cost['router_params']:,}", f"{cost['extra_stored_params']:,}",
+                         f"{cost['extra_params_ratio']:.2f}×", slowdown])
+    return table(["method", "trained router params", "extra params kept", "extra / encoder", "time / sample vs merged"],
+                 rows) if rows else ""
+
+
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     cfg = report.get("config", {})
     sections = [
@@ -107,7 +120,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     sections += ["## Tasks", table(["task", "classes", "train", "val", "adapt", "test"], tasks_rows)]
     optional = (("Quality vs adaptation iterations", curve_table), ("Cross-task matrix", cross_task_section),
                 ("Gap closed", gap_closed_section),
-                ("Head transfer (SyMerge heads on other merged encoders)", transfer_section))
+                ("Head transfer (SyMerge heads on other merged encoders)", transfer_section),
+                ("Inference cost", inference_cost_table))
     for title, section in optional:  # each only when the report has its data
         body = section(report)
         if body:

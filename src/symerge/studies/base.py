@@ -22,7 +22,7 @@ from torch import Tensor
 
 from symerge.adaptive.experts import ExpertCache, compute_expert_cache
 from symerge.adaptive.merged_encoder import MergedEncoder
-from symerge.batching import Inputs
+from symerge.batching import Inputs, num_samples, take
 from symerge.errors import ValidationError
 from symerge.evaluation.metrics import mean, normalized
 from symerge.result import MergeResult
@@ -30,6 +30,7 @@ from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, pri
 from symerge.taskvectors import TaskVectors
 
 Figure = Callable[[Path], None]  # draws one figure into the given file path
+Scorer = Callable[[Tensor, Tensor], float]  # (outputs, labels) -> a task's primary score (higher is better)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class StudyContext:
     reference: dict[str, float]  # each expert's own test score (normalized accuracy's denominator)
     progress: bool = True
     log: Callable[[str], None] = print
+    cross_task_samples: int | None = None  # first test samples per task read by cross-task studies (None: all)
+    options: dict[str, Any] = field(default_factory=dict)  # the study's own options (`StudySpec.options`)
     _tv: TaskVectors | None = None
     _caches: dict[float, ExpertCache] = field(default_factory=dict)
 
@@ -111,6 +114,21 @@ class StudyContext:
                                                        scale=scale)
         return self._caches[scale]
 
+    def option(self, name: str, default: Any) -> Any:
+        return self.options.get(name, default)
+
+    def scorers(self) -> dict[str, Scorer]:
+        """Each task's primary score from raw outputs (accuracy, mIoU, 1/error), as its TaskData scores it."""
+        return {t: primary_of(self.bench.tasks[t].scorer) for t in self.tasks}
+
+    def cross_task_data(self) -> tuple[dict[str, Inputs], dict[str, Tensor]]:
+        """The first `cross_task_samples` test inputs and labels per task (all when unset)."""
+        n = self.cross_task_samples
+        inputs = {t: d.test if n is None else take(d.test, slice(0, min(n, num_samples(d.test))))
+                  for t, d in self.bench.tasks.items()}
+        labels = {t: d.test_labels if n is None else d.test_labels[:n] for t, d in self.bench.tasks.items()}
+        return inputs, labels
+
     def normalized(self, per_task: Mapping[str, float]) -> float:
         return mean(normalized(dict(per_task), self.reference))
 
@@ -140,6 +158,11 @@ class StudyContext:
         return {v.label: self.run_variant(v) for v in variants}
 
 
+def primary_of(scorer: Callable[[Tensor, Tensor], Any]) -> Scorer:
+    """A TaskData scorer (returns a TaskScore) as a plain (outputs, labels) -> primary score function."""
+    return lambda outputs, labels: float(scorer(outputs, labels).primary)
+
+
 StudyFn = Callable[[StudyContext], StudyOutput]
 
 
@@ -149,18 +172,23 @@ class StudySpec:
     fn: StudyFn
     reproduces: str  # the paper's figure / table this study reproduces
     summary: str  # one line for `symerge study --list` and the README
+    min_tasks: int = 1  # checked before the benchmark is built (cross-task studies need pairs of tasks)
+    # The options `StudyContext.option` may read: name -> check(value) returning the value to use (raise
+    # ValidationError naming the option); `run_study` checks them before building anything, refuses unknown ones.
+    options: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
 STUDIES: dict[str, StudySpec] = {}
 
 
-def register_study(name: str, *, reproduces: str, summary: str) -> Callable[[StudyFn], StudyFn]:
+def register_study(name: str, *, reproduces: str, summary: str, min_tasks: int = 1,
+                   options: Mapping[str, Callable[[Any], Any]] | None = None) -> Callable[[StudyFn], StudyFn]:
     """Function decorator: register a study under `name`."""
 
     def wrap(fn: StudyFn) -> StudyFn:
         if name in STUDIES and STUDIES[name].fn is not fn:
             raise ValueError(f"study '{name}' is already registered")
-        STUDIES[name] = StudySpec(name, fn, reproduces, summary)
+        STUDIES[name] = StudySpec(name, fn, reproduces, summary, min_tasks, dict(options or {}))
         return fn
 
     return wrap

@@ -42,7 +42,7 @@ class SuiteConfig(RunsOn):
 # (`--methods`) or with `--methods all`.
 CLASSIFICATION_METHODS = [
     "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
-    "adamerging", "surgery", "symerge",
+    "adamerging", "surgery", "symerge", "wemoe",
 ]
 
 

@@ -112,6 +112,7 @@ def dense_task_data(task: str, splits: Mapping[str, Mapping[str, Tensor]]) -> Ta
     return TaskData(
         name=task, class_names=classes, adapt=splits["adapt"]["inputs"], test=splits["test"]["inputs"],
         test_labels=splits["test"][task], val=splits["val"]["inputs"], val_labels=splits["val"][task],
+        adapt_labels=splits["adapt"][task],
         sizes={f"n_{s}": int(len(splits[s]["inputs"])) for s in SPLITS},
         scorer=partial(dense_score, task), objective="classification" if task == "segmentation" else "regression",
     )
@@ -185,6 +186,27 @@ def run_dense_suite(
     [B, C, S/4, S/4] and has `feature_dim` = C; `sources` (default: the packaged objects and textures) are
     `SceneSources`.
     """
+    start = time.perf_counter()
+    bench, info = dense_benchmark(cfg, encoder, sources, progress, log)
+    test_images = info.pop("test_images")
+    return run_and_report("dense", cfg, bench, out_dir, lambda outcomes: {
+        **info, "gap_closed": {"baseline": "task_arithmetic", "methods": gap_closed_table(outcomes)},
+        "notes": DENSE_NOTES, "total_seconds": time.perf_counter() - start}, progress=progress, log=log,
+        figures=lambda outcomes: {"predictions on test scenes": (
+            "predictions.png", prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device))},
+        metrics_per_task=True)
+
+
+def dense_benchmark(
+    cfg: DenseSuiteConfig,
+    encoder: nn.Module | None = None,
+    sources: Any | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[Benchmark, dict[str, Any]]:
+    """The suite's benchmark without running any method (the bench and `symerge study` share it): encoder and scene
+    sources (packaged defaults unless given), experts fine-tuned or loaded from the cache. `info` is JSON-able
+    except `test_images` (the test scenes' uint8 images, for the prediction figure)."""
     from symerge.data.fetch import cache_root
 
     start = time.perf_counter()
@@ -205,13 +227,7 @@ def run_dense_suite(
     data_seconds = time.perf_counter() - start
     log(f"dense suite: tasks {cfg.tasks}, protocol {cfg.protocol}, {model_name}; scenes ready in {data_seconds:.0f}s")
     bench, info = build_dense_benchmark(cfg, encoder, splits, cache_root() / "experts" / "dense", log, progress)
-    return run_and_report("dense", cfg, bench, out_dir, lambda outcomes: {
-        **info, "model": model_name, "data_seconds": data_seconds,
-        "gap_closed": {"baseline": "task_arithmetic", "methods": gap_closed_table(outcomes)},
-        "notes": DENSE_NOTES, "total_seconds": time.perf_counter() - start}, progress=progress, log=log,
-        figures=lambda outcomes: {"predictions on test scenes": (
-            "predictions.png", prediction_figure(bench, outcomes, test_images, cfg.figure_scenes, cfg.device))},
-        metrics_per_task=True)
+    return bench, {**info, "model": model_name, "data_seconds": data_seconds, "test_images": test_images}
 
 
 DENSE_NOTES = [

@@ -37,7 +37,8 @@ def method_entry(outcome: MethodOutcome, reference: Mapping[str, float], metrics
     if outcome.result.provenance.get("per_task_encoder"):
         entry["notes"] = (entry.get("notes", "") + " per-task encoder at inference (evaluated per task)").strip()
     prov = outcome.result.provenance
-    for key in ("expert_runs_per_sample", "expert_seconds", "adapt_seconds", "skipped_steps", "options", "granularity"):
+    for key in ("expert_runs_per_sample", "expert_seconds", "adapt_seconds", "skipped_steps", "options", "granularity",
+                "inference_cost"):  # inference_cost: methods that keep extra weights at inference (WEMoE)
         if key in prov:
             entry[key] = prov[key]
     return entry

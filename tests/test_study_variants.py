@@ -1,0 +1,272 @@
+"""The ablation studies (ablation, losses, teacher, init) end to end on a tiny benchmark with numbered encoder blocks,
+and the self-supervised loss registry they compare, each loss against its formula written out by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from symerge.adaptive.objectives import LOSSES, self_label_loss
+from symerge.errors import ValidationError
+from symerge.studies.ablation import COMPONENTS, block_thirds, lambda_sparsity, numbered_blocks
+from symerge.studies.base import StudyContext, Variant
+from symerge.studies.losses import ground_truth_cache, one_hot_logits, true_outputs
+from symerge.suites.runner import AdaptSettings, Benchmark, expert_cache_for, primary_scores, static_result
+from symerge.suites.tasks import TaskData
+from toy import finetune, make_task
+
+# --- the loss registry: each loss against its formula ------------------------------------------------------------------
+
+
+def softmax_rows(z: torch.Tensor) -> list[list[float]]:
+    out = []
+    for row in z.tolist():
+        top = max(row)
+        exps = [math.exp(v - top) for v in row]
+        out.append([e / sum(exps) for e in exps])
+    return out
+
+
+def brute(name: str, m: torch.Tensor, e: torch.Tensor, t: float) -> float:
+    """The loss written out element by element (means over samples, or over logit entries for l1 / smooth_l1 / l2)."""
+    rows_m, rows_e = m.tolist(), e.tolist()
+    n, c = m.shape
+    if name == "ce":
+        p = softmax_rows(m)
+        return sum(-math.log(p[i][max(range(c), key=lambda j: rows_e[i][j])]) for i in range(n)) / n
+    if name in ("kl", "js"):
+        p, q = softmax_rows(m / t), softmax_rows(e / t)
+        if name == "kl":
+            per = [sum(q[i][j] * math.log(q[i][j] / p[i][j]) for j in range(c)) for i in range(n)]
+        else:
+            mix = [[(p[i][j] + q[i][j]) / 2 for j in range(c)] for i in range(n)]
+            per = [0.5 * sum(p[i][j] * math.log(p[i][j] / mix[i][j]) for j in range(c))
+                   + 0.5 * sum(q[i][j] * math.log(q[i][j] / mix[i][j]) for j in range(c)) for i in range(n)]
+        return t * t * sum(per) / n
+    if name == "entropy":
+        p = softmax_rows(m)
+        return sum(-sum(v * math.log(v) for v in row) for row in p) / n
+    diffs = [a - b for ra, rb in zip(rows_m, rows_e) for a, b in zip(ra, rb)]
+    if name == "l1":
+        return sum(abs(d) for d in diffs) / len(diffs)
+    if name == "smooth_l1":
+        return sum(0.5 * d * d if abs(d) < 1 else abs(d) - 0.5 for d in diffs) / len(diffs)
+    if name == "l2":
+        return sum(d * d for d in diffs) / len(diffs)
+    if name == "cosine":
+        dots = [sum(a * b for a, b in zip(ra, rb)) / math.sqrt(sum(a * a for a in ra) * sum(b * b for b in rb))
+                for ra, rb in zip(rows_m, rows_e)]
+        return sum(1 - d for d in dots) / n
+    raise KeyError(f"no hand-written formula for loss '{name}'")
+
+
+UNITS_PER_ROW = {"l1": 5, "smooth_l1": 5, "l2": 5}  # element-mean losses average over every logit entry (C = 5)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_each_loss_equals_its_formula(name):
+    gen = torch.Generator().manual_seed(3)
+    merged, teacher = 2 * torch.randn(6, 5, generator=gen), 2 * torch.randn(6, 5, generator=gen)
+    temperature = 2.0 if name in ("kl", "js") else 1.0
+    term = self_label_loss(merged.double(), teacher.double(), "none", temperature=temperature, loss=name)
+    assert float(term.value) == pytest.approx(brute(name, merged.double(), teacher.double(), temperature), rel=1e-5)
+    assert term.units == 6 * UNITS_PER_ROW.get(name, 1)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_dense_maps_are_per_pixel_rows(name):
+    gen = torch.Generator().manual_seed(4)
+    merged, teacher = torch.randn(2, 3, 2, 2, generator=gen), torch.randn(2, 3, 2, 2, generator=gen)
+    dense = self_label_loss(merged, teacher, "none", loss=name)
+    flat = self_label_loss(merged.movedim(1, -1).reshape(-1, 3), teacher.movedim(1, -1).reshape(-1, 3), "none", loss=name)
+    torch.testing.assert_close(dense.value, flat.value)
+
+
+def test_the_filter_selects_samples_for_teacher_losses_only():
+    # sample 1 (merged more confident and disagreeing) is dropped by the "code" rule
+    merged = torch.log(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.4, 0.6], [0.6, 0.4]]))
+    teacher = torch.log(torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.9, 0.1], [0.8, 0.2]]))
+    kept = [0, 2, 3]
+    for name in ("l2", "js", "cosine"):
+        filtered = self_label_loss(merged, teacher, "code", loss=name)
+        torch.testing.assert_close(filtered.value, self_label_loss(merged[kept], teacher[kept], "none", loss=name).value)
+    entropy = self_label_loss(merged, teacher, "code", loss="entropy")
+    assert entropy.units == 4
+    assert float(entropy.value) == pytest.approx(brute("entropy", merged, teacher, 1.0), rel=1e-6)
+
+
+def test_labels_is_an_alias_of_loss():
+    gen = torch.Generator().manual_seed(5)
+    merged, teacher = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    soft = self_label_loss(merged, teacher, "none", labels="soft")
+    assert torch.equal(soft.value, self_label_loss(merged, teacher, "none", loss="kl").value)
+    assert torch.equal(self_label_loss(merged, teacher, "none", labels="hard").value,
+                       self_label_loss(merged, teacher, "none").value)
+    with pytest.raises(ValidationError, match="labels='soft' means loss='kl', which contradicts loss='ce'"):
+        self_label_loss(merged, teacher, "none", labels="soft", loss="ce")
+    with pytest.raises(ValidationError, match="loss must be one of"):
+        self_label_loss(merged, teacher, "none", loss="hinge")
+
+
+def test_lambda_sparsity_counts_entries_below_the_threshold():
+    lam = torch.tensor([[0.0, 5e-6, 0.3], [1e-5, 0.2, 0.0]])
+    assert lambda_sparsity(lam) == 3 / 6
+    with pytest.raises(ValidationError, match="learned coefficients"):
+        lambda_sparsity(None)
+
+
+def test_numbered_blocks_in_block_order_and_thirds():
+    keys = [f"encoder.layer.{i}.w" for i in (0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9)] + ["embeddings.w", "pooler.w"]
+    blocks = numbered_blocks(keys)
+    assert blocks == [f"encoder.layer.{i}" for i in range(12)]
+    assert block_thirds(blocks) == {"early": blocks[0:4], "middle": blocks[4:8], "late": blocks[8:12]}
+    assert block_thirds(blocks[:2]) == {} and numbered_blocks(["layer1.weight", "layer2.bias"]) == []
+
+
+# --- a tiny benchmark with numbered blocks ---------------------------------------------------------------------------------
+BLOCKS, DIM, HIDDEN, CLASSES, N = 6, 16, 16, 4, 96
+
+
+class NumberedEncoder(nn.Module):
+    """A stem and six residual blocks named `layer.N.*` (numbered blocks, as in BERT's `encoder.layer.N`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(DIM, HIDDEN)
+        self.layer = nn.ModuleList([nn.Linear(HIDDEN, HIDDEN) for _ in range(BLOCKS)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        for block in self.layer:
+            h = h + torch.relu(block(h))
+        return h
+
+
+@pytest.fixture(scope="module")
+def bench() -> Benchmark:
+    torch.manual_seed(0)
+    encoder = NumberedEncoder()
+    heads, experts, tasks = {}, {}, {}
+    for k in range(3):
+        name = f"task{k}"
+        x, y, _ = make_task(100 + k, N, DIM, CLASSES)
+        expert = copy.deepcopy(encoder)
+        torch.manual_seed(k)
+        head = nn.Linear(HIDDEN, CLASSES)
+        finetune(expert, head, x[:N], y[:N], 120, k)
+        heads[name] = head.requires_grad_(False)
+        experts[name] = {key: v.detach().clone() for key, v in expert.state_dict().items()}
+        tasks[name] = TaskData(name, [str(c) for c in range(CLASSES)], adapt=x[N:2 * N], test=x[2 * N:],
+                               test_labels=y[2 * N:], val=x[:32], val_labels=y[:32], adapt_labels=y[N:2 * N])
+    return Benchmark(encoder, heads, experts, tasks)
+
+
+def context(bench: Benchmark, steps: int = 6, **settings) -> StudyContext:
+    adapt = AdaptSettings(steps=steps, batch_size=32, curve=[], progress=False, seed=0, **settings)
+    individual = static_result("individual", bench, bench.task_vectors(), {})
+    return StudyContext(suite="toy", bench=bench, settings=adapt, protocol="held-out", seed=0, quick=False,
+                        reference=primary_scores(individual, bench, "cpu"), progress=False, log=lambda _: None)
+
+
+def check_output(output, tmp_path, figures: set[str]) -> None:
+    """Common to every study: a flat float headline, a table with the paper's numbers, and the figures drawn."""
+    headline = output.data["headline"]
+    assert headline and all(isinstance(k, str) and isinstance(v, float) for k, v in headline.items())
+    assert output.markdown.count("| variant |") >= 1 or output.markdown.startswith("| loss |")
+    assert "Paper" in output.markdown
+    assert set(output.figures) == figures
+    for name, draw in output.figures.items():
+        draw(tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_study(bench, tmp_path):
+    from symerge.studies.ablation import ablation
+
+    # λ starts near 0 with a large λ rate, so λ-only training pushes some coefficients onto the clamp at 0
+    ctx = context(bench, lr=0.05, method_options={"symerge": {"init": 0.02}})
+    output = ablation(ctx)
+    data = output.data
+    blocks = [f"layer.{i}" for i in range(BLOCKS)]
+    assert data["blocks"] == blocks
+    assert [r["label"] for r in data["components"]] == ["coef-only", "layer-only", "joint (SyMerge)"]
+    assert [r["label"] for r in data["layers"]] == (
+        ["head"] + [f"block {b}" for b in blocks] + ["early (2 blocks)", "middle (2 blocks)", "late (2 blocks)"])
+    head, joint = data["layers"][0], data["components"][2]
+    assert head["per_task"] == joint["per_task"]  # the head row is the joint run
+    assert len({tuple(r["per_task"].values()) for r in data["layers"]}) > 1
+    # sparsity: the study's share equals a count over an independent rerun of the λ-only variant
+    rerun = ctx.run_variant(COMPONENTS[0]).result.lambdas
+    below = sum(1 for v in rerun.flatten().tolist() if v < 1e-5)
+    assert data["lambda_sparsity"]["coef-only"] == below / rerun.numel()
+    assert 0 < data["lambda_sparsity"]["coef-only"] < 1
+    assert 0 <= data["lambda_sparsity"]["joint (SyMerge)"] <= 1
+    assert data["headline"]["λ<1e-5 coef-only"] == data["lambda_sparsity"]["coef-only"]
+    check_output(output, tmp_path, {"ablation_components.png", "ablation_sparsity.png", "ablation_layers.png"})
+
+
+def test_ground_truth_cache_holds_the_true_labels(bench):
+    ctx = context(bench)
+    gt = ground_truth_cache(ctx)
+    for task, data in bench.tasks.items():
+        assert torch.equal(gt.outputs[task].argmax(dim=1), data.adapt_labels)
+        assert torch.equal(gt.outputs[task].sum(dim=1), torch.ones(N))
+    with pytest.raises(ValidationError, match=r"must lie in \[0, 3\)"):
+        one_hot_logits(torch.tensor([0, 3]), 3, "t")
+    segmentation = torch.tensor([[[0, 2], [1, 1]]])  # [N, H, W] -> one-hot [N, C, H, W]
+    assert torch.equal(one_hot_logits(segmentation, 3, "seg").argmax(dim=1), segmentation)
+    depth = torch.rand(2, 1, 2, 2)  # regression: the target itself
+    assert torch.equal(true_outputs(depth.reshape(2, 4), torch.zeros(2, 1, 2, 2), "regression", "depth"), depth)
+
+
+def test_losses_study(bench, tmp_path):
+    from symerge.studies.losses import losses
+
+    # the older `labels` spelling set by a suite (the dense suite's soft labels) must not contradict each row's loss
+    output = losses(context(bench, steps=15, method_options={"symerge": {"labels": "soft"}}))
+    table = output.data["table"]
+    assert list(table) == ["coef-only", "classifier+coef"]
+    for row, values in table.items():
+        assert list(values) == [*LOSSES, "GT"]
+        assert values["GT"] >= min(v for k, v in values.items() if k != "GT"), row
+    assert len(output.data["rows"]) == 2 * (len(LOSSES) + 1)
+    check_output(output, tmp_path, {"losses.png"})
+
+
+def test_teacher_study(bench, tmp_path):
+    from symerge.studies.teacher import teacher
+
+    ctx = context(bench)
+    output = teacher(ctx)
+    data = output.data
+    assert [r["label"] for r in data["rows"]] == ["α=0.25", "α=0.5", "α=0.75", "α=1"]
+    assert data["teachers"]["α=1"] == ctx.reference  # the α = 1 teacher is the expert itself
+    assert data["teachers"]["α=0.25"] != ctx.reference
+    # α = 1 reproduces plain SyMerge on the runner's own expert pass exactly
+    plain_cache = expert_cache_for(bench, ctx.task_vectors(), ctx.adapt_inputs(), ctx.settings, False)
+    plain = context(bench).run_variant(Variant("symerge"), cache=plain_cache)
+    alpha_one = data["rows"][-1]
+    assert alpha_one["per_task"] == plain.per_task and alpha_one["average"] == plain.average
+    assert data["rows"][0]["per_task"] != plain.per_task or data["rows"][0]["average"] != plain.average
+    check_output(output, tmp_path, {"teacher.png"})
+
+
+def test_init_study(bench, tmp_path):
+    from symerge.studies.init import init
+
+    output = init(context(bench))
+    labels = [r["label"] for r in output.data["rows"]]
+    assert labels == ["expert head init", "random head init"]
+    assert output.data["headline"]["expert head init"] != output.data["headline"]["random head init"]
+    check_output(output, tmp_path, {"init.png"})
+
+
+def test_importing_the_package_registers_these_studies():
+    from symerge.studies import get_study
+
+    for name, table in [("ablation", "Table 5"), ("losses", "Fig. C"), ("teacher", "Fig. 6a"), ("init", "Fig. 6b")]:
+        assert table in get_study(name).reproduces and get_study(name).summary
