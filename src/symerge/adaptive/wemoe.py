@@ -19,7 +19,9 @@ Measured here: quick text suite (MiniLM, 4 tasks, 30 iterations, lr 1e-3) 100.1 
 arithmetic's 92.7 %, at 2.4× AdaMerging's adaptation time and 2.5× the merged encoder's inference time. The
 routing weights are unbounded, so where entropy can be lowered by scaling task vectors up (the toy problem) or by
 leaving the frozen BatchNorm statistics' range (the vision suite's MobileNetV2), they drift below task arithmetic,
-as AdaMerging does there.
+as AdaMerging does there. Where routing is what matters (tests/toy.py `build_routing_problem`: tasks in separate
+input regions, conflicting experts, LayerNorm'd features so scaling cannot buy confidence) it beats task arithmetic
+at its best λ by about 0.2 accuracy, while AdaMerging does not.
 """
 
 from __future__ import annotations

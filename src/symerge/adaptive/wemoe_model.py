@@ -462,8 +462,8 @@ def build_wemoe(encoder: nn.Module, units: Sequence[UnitSpec], tensors: UnitTens
         if not replaced:
             continue  # nothing fine-tuned in this unit: it stays as merged
         dim, channel_first = router_input(modules[layers[0]])
-        device = encoder.get_submodule(layers[0]).weight.device  # the mixed layer's (the merged tensors') device
-        router = Router(dim, len(tasks), init_lambda, hidden_layers).to(device)
+        like = encoder.get_submodule(layers[0]).weight  # the mixed layer's: the merged tensors' device and dtype
+        router = Router(dim, len(tasks), init_lambda, hidden_layers).to(like.device, like.dtype)  # fp32, fp64
         wrapped = RoutedInput(encoder.get_submodule(spec.router), router, len(kept), spec.router, dim, channel_first,
                               batch_reduce)
         replace_module(encoder, spec.router, wrapped)
