@@ -321,6 +321,8 @@ def test_cli_lists_the_studies(capsys):
     (["study", "pilot", "--tasks", "bbc_topic,no_such_task"], "--tasks: unknown text task 'no_such_task'"),
     (["study", "pilot", "--seeds", "3,3"], "--seeds: seed 3 given twice"),
     (["study"], "give a study name"),
+    (["study", "head-transfer", "--option", "nope=1"], "study 'head-transfer' has no option 'nope' (options: ta_lambda)"),
+    (["study", "pilot", "--option", "head_epochs"], "'head_epochs' is not NAME=VALUE"),
 ])
 def test_cli_fails_fast_with_one_clear_line(argv, message, tmp_path, capsys, no_build):
     assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
@@ -339,7 +341,7 @@ def test_cli_runs_a_study_with_seeds_and_steps(bench, tmp_path, capsys, monkeypa
     monkeypatch.setattr(study_runner, "suite_parts", lambda suite: (TextSuiteConfig, build, 8))
     out = tmp_path / "run"
     argv = ["study", "head-transfer", "--suite", "text", "--seeds", "0,1", "--steps", "4", "--out", str(out),
-            "--no-progress"]
+            "--no-progress", "--option", "ta_lambda=0.4"]
     assert main(argv) == 0
     assert built == [0, 1]
     assert "task_arithmetic/merged_average/symerge_heads" in capsys.readouterr().out
@@ -347,6 +349,7 @@ def test_cli_runs_a_study_with_seeds_and_steps(bench, tmp_path, capsys, monkeypa
         record = read(out / f"seed-{seed}")
         assert record["settings"]["steps"] == 4 and record["config"]["seed"] == seed
         assert record["benchmark"] == {"model": "toy"}
+        assert record["study_options"] == {"ta_lambda": 0.4}
         assert record["data"]["symerge"]["label"] == "symerge" and record["data"]["adamerging"]["label"] == "adamerging"
     assert main(argv) == 2 and built == [0, 1]  # the existing output is refused before any work
     assert "exists and is not empty" in capsys.readouterr().err

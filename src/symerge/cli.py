@@ -98,12 +98,32 @@ def parse_seeds(value: str) -> list[int]:
     return seeds
 
 
+def parse_study_options(values: list[str] | None) -> dict[str, Any]:
+    """`--option NAME=VALUE` pairs, each value read as YAML ("head_epochs=5", "lambdas=[0.1, 0.3]")."""
+    import yaml
+
+    from symerge.errors import ValidationError
+
+    options: dict[str, Any] = {}
+    for value in values or []:
+        name, sep, raw = value.partition("=")
+        if not sep or not name.strip():
+            raise ValidationError(f"--option: '{value}' is not NAME=VALUE")
+        try:
+            options[name.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValidationError(f"--option {name.strip()}: '{raw}' is not a valid YAML value") from None
+    return options
+
+
 def print_study_list() -> None:
     from symerge.studies.base import STUDIES
 
     width = max(len(name) for name in STUDIES)
     for spec in STUDIES.values():
         print(f"{spec.name:<{width}}  {spec.reproduces}\n{'':<{width}}  {spec.summary}")
+        if spec.options:
+            print(f"{'':<{width}}  options (--option NAME=VALUE): {', '.join(spec.options)}")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -114,7 +134,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from symerge.atomic import prepare_output_dir
     from symerge.errors import ValidationError
     from symerge.studies.base import get_study
-    from symerge.studies.runner import STUDY_FILES, check_seeds, run_study, suite_parts
+    from symerge.studies.runner import STUDY_FILES, check_seeds, check_study_options, run_study, suite_parts
 
     if args.list:
         print_study_list()
@@ -124,6 +144,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = get_study(args.name)
     config_cls, _build, _count = suite_parts(args.suite)
     seeds = check_seeds(args.seeds)
+    study_options = parse_study_options(args.option)
+    check_study_options(spec, study_options)  # before any work (run_study checks again)
     overrides: dict[str, Any] = {"seed": seeds[0], "device": args.device}
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
@@ -133,7 +155,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     record = run_study(spec.name, args.suite, cfg, out, seeds, progress=not args.no_progress,
-                       overwrite=args.overwrite, steps=args.steps)
+                       overwrite=args.overwrite, steps=args.steps, study_options=study_options)
     print()
     for name, value in record["headline"].items():
         shown = f"{value['mean']:.4f} ± {value['std']:.4f}" if isinstance(value, dict) else f"{value:.4f}"
@@ -197,6 +219,8 @@ def add_study_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="the suite's quick preset (small sizes, short training)")
     parser.add_argument("--steps", type=positive_int, default=None, help="adaptation steps of every variant "
                         "(default: the suite's)")
+    parser.add_argument("--option", action="append", metavar="NAME=VALUE",
+                        help="a study option (repeatable; --list shows each study's), value read as YAML")
     parser.add_argument("--out", help="output dir (default runs/study-<name>-<suite>-<timestamp>)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
