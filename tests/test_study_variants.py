@@ -12,7 +12,7 @@ from torch import nn
 
 from symerge.adaptive.objectives import LOSSES, self_label_loss
 from symerge.errors import ValidationError
-from symerge.studies.ablation import COMPONENTS, block_thirds, lambda_sparsity, numbered_blocks
+from symerge.studies.ablation import COMPONENTS, block_thirds, check_block_lr, lambda_sparsity, layer_variants, numbered_blocks
 from symerge.studies.base import StudyContext, Variant
 from symerge.studies.losses import ground_truth_cache, one_hot_logits, true_outputs
 from symerge.suites.runner import AdaptSettings, Benchmark, expert_cache_for, primary_scores, static_result
@@ -270,3 +270,16 @@ def test_importing_the_package_registers_these_studies():
 
     for name, table in [("ablation", "Table 5"), ("losses", "Fig. C"), ("teacher", "Fig. 6a"), ("init", "Fig. 6b")]:
         assert table in get_study(name).reproduces and get_study(name).summary
+
+
+def test_block_rows_take_their_own_learning_rate():
+    """The suite's task-layer lr is tuned for heads; `block_lr` gives the block rows theirs, heads keep the suite's."""
+    blocks = ["enc.layer.0", "enc.layer.1", "enc.layer.2"]
+    assert all(v.trainer == {} for v in layer_variants(blocks))
+    rows = layer_variants(blocks, 1e-4)
+    assert len(rows) == 6 and all(v.trainer == {"layer_lr": 1e-4} for v in rows)
+    assert rows[3].options["task_layer"] == "blocks:enc.layer.0"
+    assert check_block_lr(1e-4) == 1e-4
+    for bad in (0, -1e-3, float("nan"), True, "1e-4"):
+        with pytest.raises(ValidationError, match="block_lr"):
+            check_block_lr(bad)

@@ -12,8 +12,10 @@ numbered blocks gets part 1 only. Every row uses the suite's adaptation settings
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -63,10 +65,19 @@ def lambda_sparsity(lambdas: Tensor | None, threshold: float = SPARSE_BELOW) -> 
     return float((lambdas.detach() < threshold).double().mean())
 
 
-def layer_variants(blocks: Sequence[str]) -> list[Variant]:
-    """One row per block as the task-specific layer, then the thirds trained together."""
-    single = [Variant(f"block {b}", options={"task_layer": f"block:{b}"}) for b in blocks]
-    groups = [Variant(f"{name} ({len(group)} blocks)", options={"task_layer": "blocks:" + ",".join(group)})
+def check_block_lr(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValidationError(f"study option 'block_lr' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def layer_variants(blocks: Sequence[str], block_lr: float | None = None) -> list[Variant]:
+    """One row per block as the task-specific layer, then the thirds trained together; `block_lr` (default: the
+    suite's task-layer lr, which is tuned for heads) is the blocks' learning rate."""
+    trainer = {} if block_lr is None else {"layer_lr": block_lr}
+    single = [Variant(f"block {b}", options={"task_layer": f"block:{b}"}, trainer=trainer) for b in blocks]
+    groups = [Variant(f"{name} ({len(group)} blocks)", options={"task_layer": "blocks:" + ",".join(group)},
+                      trainer=trainer)
               for name, group in block_thirds(blocks).items()]
     return single + groups
 
@@ -81,13 +92,14 @@ def percent(value: float) -> str:
 
 @register_study("ablation", reproduces="paper Table 5, Table B and App. D.4",
                 summary="λ only / task layer only / both; head vs each encoder block (and thirds) as the task layer; "
-                        "λ sparsity")
+                        "λ sparsity", options={"block_lr": check_block_lr})
 def ablation(ctx: StudyContext) -> StudyOutput:
     components = ctx.run_variants(list(COMPONENTS))
     sparsity = {label: lambda_sparsity(components[label].result.lambdas) for label in ("coef-only", "joint (SyMerge)")}
     blocks = numbered_blocks(ctx.task_vectors().keys)
     layers: dict[str, VariantOutcome] = {"head": relabeled(components["joint (SyMerge)"], "head")}
-    layers.update(ctx.run_variants(layer_variants(blocks)))
+    block_lr = ctx.option("block_lr", None)
+    layers.update(ctx.run_variants(layer_variants(blocks, block_lr)))
 
     headline = {**averages(components), **{f"task layer: {k}": v for k, v in averages(layers).items()},
                 **{f"λ<1e-5 {k}": v for k, v in sparsity.items()}}
@@ -96,6 +108,8 @@ def ablation(ctx: StudyContext) -> StudyOutput:
         "λ sparsity (share of learned λ < 1e-5): " + ", ".join(f"{k} {percent(v)}" for k, v in sparsity.items()) + ".",
         PAPER_SPARSITY,
         "### Which layer is task-specific (Table B)",
+        f"Block rows train at learning rate {block_lr if block_lr is not None else ctx.settings.layer_lr} "
+        "(option `block_lr`; the suite's task-layer lr is tuned for heads).",
         variants_table(layers, ctx.tasks) if blocks else
         "The encoder has no numbered blocks (tensor names like `layer.N.` / `blocks.N.`): only the head row.",
         PAPER_TABLE_B,
@@ -108,6 +122,6 @@ def ablation(ctx: StudyContext) -> StudyOutput:
         "ablation_layers.png": bars_figure({"average": averages(layers)},
                                            title="Which layer is task-specific (Table B)"),
     }
-    data = {"headline": headline, "components": rows(components), "layers": rows(layers), "blocks": blocks,
+    data = {"headline": headline, "block_lr": block_lr, "components": rows(components), "layers": rows(layers), "blocks": blocks,
             "thirds": block_thirds(blocks), "lambda_sparsity": sparsity, "sparse_below": SPARSE_BELOW}
     return StudyOutput(data=data, markdown=markdown, figures=figures)
