@@ -283,3 +283,23 @@ def test_block_rows_take_their_own_learning_rate():
     for bad in (0, -1e-3, float("nan"), True, "1e-4"):
         with pytest.raises(ValidationError, match="block_lr"):
             check_block_lr(bad)
+
+
+def test_losses_study_runs_the_chosen_subset(bench, tmp_path):
+    """`--option losses=[...] --option rows=[...]`: only those rows run; the table marks the rest as not run."""
+    from symerge.studies.base import STUDIES
+    from symerge.studies.losses import losses
+
+    check = STUDIES["losses"].options
+    ctx = context(bench, steps=4)
+    ctx.options = {"losses": check["losses"](["l1", "ce"]), "rows": check["rows"](["classifier+coef"])}
+    output = losses(ctx)
+    assert output.data["table"] == {"classifier+coef": {k: output.data["table"]["classifier+coef"][k]
+                                                        for k in ("ce", "l1", "GT")}}
+    assert [r["label"] for r in output.data["rows"]] == ["classifier+coef / ce", "classifier+coef / l1",
+                                                         "classifier+coef / GT"]
+    assert "| ce | – |" in output.markdown and "| entropy |" not in output.markdown
+    for bad, message in [("l3", "unknown 'l3'"), ([], "non-empty list"), ("ce", "non-empty list")]:
+        with pytest.raises(ValidationError, match=message):
+            check["losses"]([bad] if bad == "l3" else bad)
+    check_output(output, tmp_path, {"losses.png"})

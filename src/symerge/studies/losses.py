@@ -9,6 +9,9 @@ transductive protocol); no method ever sees them otherwise. Each row sets `loss`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -56,41 +59,58 @@ def ground_truth_cache(ctx: StudyContext) -> ExpertCache:
     return ExpertCache(outputs=outputs, features=experts.features, forward_passes={t: 0 for t in ctx.tasks})
 
 
-def loss_variants() -> list[Variant]:
-    return [Variant(f"{row} / {loss}", options={**what, "loss": loss, "labels": None})
-            for row, what in ROWS.items() for loss in LOSSES]
+def subset_of(known: Sequence[str], option: str) -> Callable[[Any], list[str]]:
+    """A study-option check: a non-empty list of distinct names from `known` (kept in `known`'s order)."""
+
+    def check(value: Any) -> list[str]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            raise ValidationError(f"study option '{option}' must be a non-empty list, e.g. [{known[0]}], got {value!r}")
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            raise ValidationError(f"study option '{option}': unknown '{unknown[0]}'; known: {', '.join(known)}")
+        return [name for name in known if name in value]
+
+    return check
 
 
-def gt_variants() -> list[Variant]:
-    return [Variant(f"{row} / {GT}", options={**what, "loss": "ce", "labels": None, "filter_rule": "none"})
-            for row, what in ROWS.items()]
+def loss_variants(losses: Sequence[str] = tuple(LOSSES), rows: Sequence[str] = tuple(ROWS)) -> list[Variant]:
+    return [Variant(f"{row} / {loss}", options={**ROWS[row], "loss": loss, "labels": None})
+            for row in rows for loss in losses]
+
+
+def gt_variants(rows: Sequence[str] = tuple(ROWS)) -> list[Variant]:
+    return [Variant(f"{row} / {GT}", options={**ROWS[row], "loss": "ce", "labels": None, "filter_rule": "none"})
+            for row in rows]
 
 
 def pivot(outcomes: dict[str, VariantOutcome]) -> dict[str, dict[str, float]]:
     """{row: {loss or GT: average}} from the 'row / loss' labels."""
-    table: dict[str, dict[str, float]] = {row: {} for row in ROWS}
+    table: dict[str, dict[str, float]] = {}
     for label, outcome in outcomes.items():
         row, loss = label.split(" / ")
-        table[row][loss] = outcome.average
+        table.setdefault(row, {})[loss] = outcome.average
     return table
 
 
 def pivot_markdown(table: dict[str, dict[str, float]]) -> str:
     header = ["loss", *(f"{row} (%)" for row in ROWS), *(f"paper {row}" for row in ROWS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for loss in [*LOSSES, GT]:
-        ours = [f"{100 * table[row][loss]:.1f}" for row in ROWS]
+    run = {loss for values in table.values() for loss in values}
+    for loss in [name for name in [*LOSSES, GT] if name in run]:
+        ours = [f"{100 * table[row][loss]:.1f}" if loss in table.get(row, {}) else "–" for row in ROWS]
         paper = [f"≈{value}" for value in PAPER_FIG_C[loss]]
         lines.append("| " + " | ".join([loss, *ours, *paper]) + " |")
     return "\n".join(lines)
 
 
 @register_study("losses", reproduces="paper Fig. C (App. D.2)",
-                summary="every self-supervised loss, λ only and classifier + λ, against CE to the true labels")
+                summary="every self-supervised loss, λ only and classifier + λ, against CE to the true labels",
+                options={"losses": subset_of(list(LOSSES), "losses"), "rows": subset_of(list(ROWS), "rows")})
 def losses(ctx: StudyContext) -> StudyOutput:
-    outcomes = ctx.run_variants(loss_variants())
+    rows_run = ctx.option("rows", list(ROWS))
+    outcomes = ctx.run_variants(loss_variants(ctx.option("losses", list(LOSSES)), rows_run))
     gt = ground_truth_cache(ctx)
-    for variant in gt_variants():
+    for variant in gt_variants(rows_run):
         outcomes[variant.label] = ctx.run_variant(variant, cache=gt)
     table = pivot(outcomes)
     markdown = "\n\n".join([
