@@ -59,19 +59,24 @@ def build_toy_problem(num_tasks: int = 3, n: int = 256, classes: int = 4, steps:
     dim_in = 16
     torch.manual_seed(seed)
     pretrained = ToyEncoder(dim_in)
-    heads, experts, adapt, test, test_y = {}, {}, {}, {}, {}
+    problem = ToyProblem(pretrained, {}, {}, {}, {}, {})
     for k in range(num_tasks):
-        name = f"task{k}"
         x, y, _ = make_task(seed * 100 + k, n, dim_in, classes)
-        enc = copy.deepcopy(pretrained)
         torch.manual_seed(seed * 100 + k)
-        head = nn.Linear(32, classes)
-        finetune(enc, head, x[:n], y[:n], steps, seed * 100 + k)
-        heads[name] = head.requires_grad_(False)
-        experts[name] = {kk: v.detach().clone() for kk, v in enc.state_dict().items()}
-        adapt[name] = x[n : 2 * n]
-        test[name], test_y[name] = x[2 * n :], y[2 * n :]
-    return ToyProblem(pretrained, heads, experts, adapt, test, test_y)
+        add_expert(problem, f"task{k}", nn.Linear(32, classes), x, y, n, steps, seed * 100 + k)
+    return problem
+
+
+def add_expert(problem: ToyProblem, name: str, head: nn.Module, x: Tensor, y: Tensor, n: int, steps: int,
+               seed: int) -> None:
+    """Fine-tune a copy of the pretrained encoder with `head` on the first n samples (the expert of `name`); the
+    next n are its adaptation inputs, the rest its test set."""
+    enc = copy.deepcopy(problem.encoder)
+    finetune(enc, head, x[:n], y[:n], steps, seed)
+    problem.heads[name] = head.requires_grad_(False)
+    problem.experts[name] = {kk: v.detach().clone() for kk, v in enc.state_dict().items()}
+    problem.adapt_inputs[name] = x[n : 2 * n]
+    problem.test_inputs[name], problem.test_labels[name] = x[2 * n :], y[2 * n :]
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -137,16 +142,9 @@ def build_routing_problem(num_tasks: int = 3, n: int = 256, classes: int = 4, st
     pretrained = NormedToyEncoder(dim_in, hidden)
     g = torch.Generator().manual_seed(seed + 1000)
     directions = torch.linalg.qr(torch.randn(dim_in, dim_in, generator=g))[0][:, :num_tasks].T
-    heads, experts, adapt, test, test_y = {}, {}, {}, {}, {}
+    problem = ToyProblem(pretrained, {}, {}, {}, {}, {})
     for k in range(num_tasks):
-        name = f"task{k}"
         x, y = make_margin_task(g, separation * directions[k], 3 * n, classes, gap)
-        enc = copy.deepcopy(pretrained)
         torch.manual_seed(seed * 100 + k)
-        head = nn.Linear(hidden, classes)
-        finetune(enc, head, x[:n], y[:n], steps, seed * 100 + k)
-        heads[name] = head.requires_grad_(False)
-        experts[name] = {kk: v.detach().clone() for kk, v in enc.state_dict().items()}
-        adapt[name] = x[n : 2 * n]
-        test[name], test_y[name] = x[2 * n :], y[2 * n :]
-    return ToyProblem(pretrained, heads, experts, adapt, test, test_y)
+        add_expert(problem, f"task{k}", nn.Linear(hidden, classes), x, y, n, steps, seed * 100 + k)
+    return problem
