@@ -341,7 +341,7 @@ def test_cli_runs_a_study_with_seeds_and_steps(bench, tmp_path, capsys, monkeypa
     monkeypatch.setattr(study_runner, "suite_parts", lambda suite: (TextSuiteConfig, build, 8))
     out = tmp_path / "run"
     argv = ["study", "head-transfer", "--suite", "text", "--seeds", "0,1", "--steps", "4", "--out", str(out),
-            "--no-progress", "--option", "ta_lambda=0.4"]
+            "--no-progress", "--option", "ta_lambda=4e-1"]  # YAML 1.1 alone would read '4e-1' as a string
     assert main(argv) == 0
     assert built == [0, 1]
     assert "task_arithmetic/merged_average/symerge_heads" in capsys.readouterr().out

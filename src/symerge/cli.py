@@ -110,10 +110,20 @@ def parse_study_options(values: list[str] | None) -> dict[str, Any]:
         if not sep or not name.strip():
             raise ValidationError(f"--option: '{value}' is not NAME=VALUE")
         try:
-            options[name.strip()] = yaml.safe_load(raw)
+            options[name.strip()] = number_or(yaml.safe_load(raw))
         except yaml.YAMLError:
             raise ValidationError(f"--option {name.strip()}: '{raw}' is not a valid YAML value") from None
     return options
+
+
+def number_or(value: Any) -> Any:
+    """YAML 1.1 reads '1e-4' (no decimal point) as a string: read such a string as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def print_study_list() -> None:
