@@ -18,7 +18,7 @@ from symerge.errors import ValidationError
 from symerge.merging import merge_task_vectors
 from symerge.result import MergeResult
 from symerge.taskvectors import TaskVectors
-from toy import ToyEncoder, accuracy
+from toy import ToyEncoder, accuracy, perturbed_experts
 
 FAST = dict(steps=6, batch_size=32, progress=False, lr=1e-2, layer_lr=1e-2)
 
@@ -49,14 +49,7 @@ def test_functional_merge_equals_loaded_state_dict(toy_problem):
 def test_lambda_gradients_match_finite_differences():
     torch.manual_seed(0)
     enc = ToyEncoder().double()
-    experts = {}
-    for t in ("a", "b"):
-        e = copy.deepcopy(enc)
-        with torch.no_grad():
-            for p in e.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-        experts[t] = e.state_dict()
-    tv = TaskVectors.from_state_dicts(enc.state_dict(), experts, dtype="float64")
+    tv = TaskVectors.from_state_dicts(enc.state_dict(), perturbed_experts(enc, ("a", "b"), 0.3), dtype="float64")
     merged = MergedEncoder(enc, tv, init=0.4, clamp=None)
     x = torch.randn(8, 16, dtype=torch.float64)
 

@@ -19,6 +19,7 @@ from symerge.errors import ValidationError
 from symerge.merging import merge_task_vectors
 from symerge.taskvectors import TaskVectors
 from test_checkpoints import FAST, small_inputs
+from toy import perturbed_experts
 
 BLOCKS = 12  # ≥ 11, so "layer.1" is a prefix of "layer.10" and "layer.11"
 
@@ -40,14 +41,7 @@ class BlockEncoder(nn.Module):
 def twelve_blocks():
     torch.manual_seed(0)
     encoder = BlockEncoder()
-    experts = {}
-    for task in ("a", "b"):
-        expert = copy.deepcopy(encoder)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        experts[task] = expert.state_dict()
-    tv = TaskVectors.from_state_dicts(encoder.state_dict(), experts)
+    tv = TaskVectors.from_state_dicts(encoder.state_dict(), perturbed_experts(encoder, ("a", "b"), 0.1))
     heads = {t: nn.Linear(4, 3) for t in tv.tasks}
     inputs = {t: torch.randn(32, 4) for t in tv.tasks}
     return encoder, heads, tv, inputs

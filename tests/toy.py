@@ -79,6 +79,18 @@ def add_expert(problem: ToyProblem, name: str, head: nn.Module, x: Tensor, y: Te
     problem.test_inputs[name], problem.test_labels[name] = x[2 * n :], y[2 * n :]
 
 
+def perturbed_experts(encoder: nn.Module, tasks: tuple[str, ...], scale: float) -> dict[str, dict[str, Tensor]]:
+    """Per task, the encoder's state with every parameter moved by scale × N(0, 1) noise (random task vectors)."""
+    experts = {}
+    for task in tasks:
+        expert = copy.deepcopy(encoder)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(scale * torch.randn_like(p))
+        experts[task] = expert.state_dict()
+    return experts
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean())
 

@@ -12,17 +12,16 @@ numbered blocks gets part 1 only. Every row uses the suite's adaptation settings
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
-from typing import Any
 
 from torch import Tensor
 
 from symerge.adaptive.merged_encoder import numbered_block
 from symerge.errors import ValidationError
 from symerge.studies.bars import averages, bars_figure, rows
-from symerge.studies.base import StudyContext, StudyOutput, Variant, VariantOutcome, register_study, variants_table
+from symerge.studies.base import (StudyContext, StudyOutput, Variant, VariantOutcome, positive_number,
+                                  register_study, variants_table)
 
 SPARSE_BELOW = 1e-5  # App. D.4: a coefficient "near zero"
 COMPONENTS = (
@@ -65,10 +64,7 @@ def lambda_sparsity(lambdas: Tensor | None, threshold: float = SPARSE_BELOW) -> 
     return float((lambdas.detach() < threshold).double().mean())
 
 
-def check_block_lr(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValidationError(f"study option 'block_lr' must be a positive number, got {value!r}")
-    return float(value)
+check_block_lr = positive_number("block_lr")
 
 
 def layer_variants(blocks: Sequence[str], block_lr: float | None = None) -> list[Variant]:

@@ -12,6 +12,7 @@ data, a Markdown section and figures. `studies.runner` builds the benchmark per 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,13 +21,12 @@ from typing import Any
 
 from torch import Tensor
 
-from symerge.adaptive.experts import ExpertCache, compute_expert_cache
-from symerge.adaptive.merged_encoder import MergedEncoder
+from symerge.adaptive.experts import ExpertCache
 from symerge.batching import Inputs, num_samples, take
 from symerge.errors import ValidationError
 from symerge.evaluation.metrics import mean, normalized
 from symerge.result import MergeResult
-from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, primary_scores
+from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, expert_cache_for, primary_scores
 from symerge.taskvectors import TaskVectors
 
 Figure = Callable[[Path], None]  # draws one figure into the given file path
@@ -108,10 +108,8 @@ class StudyContext:
     def expert_cache(self, scale: float = 1.0) -> ExpertCache:
         """The teachers' outputs on the adaptation inputs: θ_pre + scale · τ_k with task k's head (1.0 = the experts)."""
         if scale not in self._caches:
-            merged = MergedEncoder(self.bench.encoder, self.task_vectors()).to(self.device)
-            self._caches[scale] = compute_expert_cache(merged, dict(self.bench.heads), self.adapt_inputs(), 64,
-                                                       self.device, self.progress, self.settings.precision,
-                                                       scale=scale)
+            self._caches[scale] = expert_cache_for(self.bench, self.task_vectors(), self.adapt_inputs(), self.settings,
+                                                   self.progress, scale)
         return self._caches[scale]
 
     def option(self, name: str, default: Any) -> Any:
@@ -161,6 +159,17 @@ class StudyContext:
 def primary_of(scorer: Callable[[Tensor, Tensor], Any]) -> Scorer:
     """A TaskData scorer (returns a TaskScore) as a plain (outputs, labels) -> primary score function."""
     return lambda outputs, labels: float(scorer(outputs, labels).primary)
+
+
+def positive_number(option: str) -> Callable[[Any], float]:
+    """A study-option check: a finite number > 0 (bools refused), returned as float."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValidationError(f"study option '{option}' must be a positive number, got {value!r}")
+        return float(value)
+
+    return check
 
 
 StudyFn = Callable[[StudyContext], StudyOutput]

@@ -9,19 +9,17 @@ SyMerge's heads, unchanged:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from symerge.errors import ValidationError
 from symerge.evaluation.cross_task import encoder_features, off_diagonal_mean, score_matrix
 from symerge.evaluation.metrics import mean
 from symerge.result import MergeResult
 from symerge.studies import plots
 from symerge.studies.plots import gain_text, lambda_text, score_text
-from symerge.studies.base import StudyContext, StudyOutput, Variant, register_study
+from symerge.studies.base import StudyContext, StudyOutput, Variant, positive_number, register_study
 from symerge.studies.encoders import per_tensor_lambdas, single_task_states, uniform_lambdas
 from symerge.suites.runner import static_result
 
@@ -34,10 +32,7 @@ ENCODER_NAMES = {"task_arithmetic": "Task Arithmetic", "adamerging": "AdaMerging
 HEAD_NAMES = {"expert_heads": "experts' heads (paper: zero-shot)", "symerge_heads": "SyMerge heads"}
 
 
-def check_lambda(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValidationError(f"study option 'ta_lambda' must be a positive number, got {value!r}")
-    return float(value)
+check_lambda = positive_number("ta_lambda")
 
 
 def off_diagonal_normalized(matrix: list[list[float]], reference: list[float]) -> float:

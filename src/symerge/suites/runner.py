@@ -191,11 +191,12 @@ def adaptive_result(
 
 
 def expert_cache_for(bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], settings: AdaptSettings,
-                     progress: bool) -> ExpertCache:
-    """Experts run ONCE over the adaptation inputs; every adaptive method reuses these outputs."""
+                     progress: bool, scale: float = 1.0) -> ExpertCache:
+    """Experts run ONCE over the adaptation inputs; every adaptive method reuses these outputs (`scale` < 1: the
+    partial teachers θ_pre + scale · τ_k of the teacher study)."""
     merged = MergedEncoder(bench.encoder, tv).to(settings.device)
     return compute_expert_cache(merged, dict(bench.heads), dict(adapt_inputs), 64, settings.device, progress,
-                                settings.precision)
+                                settings.precision, scale=scale)
 
 
 # --- the whole run ------------------------------------------------------------------------------------------------------
