@@ -446,3 +446,13 @@ def test_pilot_and_head_transfer_on_a_second_device_equal_cpu(bench, tmp_path):
     for study in ("pilot", "head-transfer"):
         got, want = records["device", study]["headline"], records["cpu", study]["headline"]
         assert got == pytest.approx(want, abs=1e-6, nan_ok=True), study
+
+
+def test_study_options_read_exponent_numbers_at_any_depth():
+    """YAML 1.1 reads '1e-4' as a string; `--option` values read it as the number, in lists and mappings too."""
+    from symerge.cli import parse_study_options
+
+    options = parse_study_options(["lrs=[1e-4, 1.5E3, 2]", "trainer={lr: -1e-2, update: summed}", "block_lr=1e-4",
+                                   "name=e5", "tag=nan"])
+    assert options == {"lrs": [1e-4, 1500.0, 2], "trainer": {"lr": -0.01, "update": "summed"}, "block_lr": 1e-4,
+                       "name": "e5", "tag": "nan"}

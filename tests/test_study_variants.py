@@ -303,3 +303,56 @@ def test_losses_study_runs_the_chosen_subset(bench, tmp_path):
         with pytest.raises(ValidationError, match=message):
             check["losses"]([bad] if bad == "l3" else bad)
     check_output(output, tmp_path, {"losses.png"})
+
+
+def test_tuning_study_curves_match_separate_runs(bench, tmp_path):
+    """Each curve point equals a separate run stopped at that step; the bar is task arithmetic scored directly."""
+    from symerge.studies.base import STUDIES
+    from symerge.studies.tuning import tuning
+
+    check = STUDIES["tuning"].options
+    ctx = context(bench)
+    ctx.options = {"method": check["method"]("adamerging"), "lrs": check["lrs"]([1e-3, 0.1]), "steps": 4,
+                   "curve": check["curve"]([2]), "trainer": check["trainer"]({"update": "summed"})}
+    output = tuning(ctx)
+    curves = output.data["curves"]
+    assert output.data["marks"] == [2, 4] and list(curves) == ["lr=0.001", "lr=0.1"]
+    for lr in (1e-3, 0.1):
+        points = curves[f"lr={lr:g}"]
+        assert [p["iterations"] for p in points] == [2, 4]
+        for point in points:
+            alone = ctx.run_variant(Variant("alone", method="adamerging",
+                                            trainer={"lr": lr, "steps": int(point["iterations"]), "update": "summed"}))
+            assert point["normalized_average"] == alone.normalized_average
+    assert curves["lr=0.001"][-1]["normalized_average"] != curves["lr=0.1"][-1]["normalized_average"]
+    ta = ctx.normalized(ctx.score(static_result("task_arithmetic", bench, ctx.task_vectors(), {})))
+    assert output.data["headline"]["task_arithmetic"] == ta
+    assert "| task arithmetic |" in output.markdown
+    for name, draw in output.figures.items():
+        draw(tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("method", "nope", "unknown adaptive method 'nope'"),
+    ("lrs", [], "non-empty list"),
+    ("lrs", [1e-3, -1.0], "'lrs' must be a positive number"),
+    ("grid", {"init_lambda": 0.3}, "must list at least one value"),
+    ("trainer", {"lr": 1e-3}, "set learning rates with 'lrs'"),
+    ("trainer", {"update": "bogus"}, "study option 'trainer'"),
+    ("curve", [0], "must be an integer ≥ 1"),
+])
+def test_tuning_options_are_checked(name, value, message):
+    from symerge.studies.base import STUDIES
+
+    with pytest.raises(ValidationError, match=message):
+        STUDIES["tuning"].options[name](value)
+
+
+def test_tuning_grid_values_go_through_the_method_checks(bench):
+    from symerge.studies.tuning import tuning
+
+    ctx = context(bench)
+    ctx.options = {"method": "wemoe", "grid": {"router_hidden_layers": [1, -1]}}
+    with pytest.raises(ValidationError, match="wemoe option 'router_hidden_layers'"):
+        tuning(ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -116,13 +117,18 @@ def parse_study_options(values: list[str] | None) -> dict[str, Any]:
     return options
 
 
+EXPONENT_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
+
+
 def number_or(value: Any) -> Any:
-    """YAML 1.1 reads '1e-4' (no decimal point) as a string: read such a string as the number it spells."""
+    """YAML 1.1 reads '1e-4' (no decimal point) as a string: read such strings as the numbers they spell, inside
+    lists and mappings too ("lrs=[1e-4, 1e-3]")."""
     if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+        return float(value) if EXPONENT_NUMBER.fullmatch(value.strip()) else value
+    if isinstance(value, list):
+        return [number_or(v) for v in value]
+    if isinstance(value, dict):
+        return {k: number_or(v) for k, v in value.items()}
     return value
 
 

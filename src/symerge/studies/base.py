@@ -133,24 +133,44 @@ class StudyContext:
     def score(self, result: MergeResult) -> dict[str, float]:
         return primary_scores(result, self.bench, self.device)
 
-    def run_variant(self, variant: Variant, cache: ExpertCache | None = None) -> VariantOutcome:
-        """Train one variant with the suite's settings (plus its overrides) and score it on the test split."""
-        settings = self.settings.model_copy(update={
+    def variant_settings(self, variant: Variant, curve: list[int]) -> AdaptSettings:
+        """The suite's settings with the variant's trainer overrides and method options layered on its method."""
+        return self.settings.model_copy(update={
             "per_method": {**self.settings.per_method, variant.method: {
                 **self.settings.per_method.get(variant.method, {}), **variant.trainer}},
             "method_options": {**self.settings.method_options, variant.method: {
                 **self.settings.method_options.get(variant.method, {}), **variant.options}},
-            "curve": [],
+            "curve": list(curve),
         })
+
+    def adapt(self, variant: Variant, cache: ExpertCache | None, curve: list[int]) -> tuple[
+            MergeResult, list[dict[str, float]], dict[str, float], float]:
+        """Train one variant, scoring the test split at the `curve` steps on the way: (result, curve points with
+        average / normalized_average / seconds, final per-task scores, adaptation seconds)."""
+        def point(per_task: dict[str, float]) -> dict[str, float]:
+            return {"average": mean(per_task), "normalized_average": self.normalized(per_task)}
+
         start = time.perf_counter()
-        result, _curve, scores = adaptive_result(
+        result, points, scores = adaptive_result(
             variant.method, self.bench, self.task_vectors(), self.adapt_inputs(), cache or self.expert_cache(),
-            settings, self.progress, lambda accs: {})
+            self.variant_settings(variant, curve), self.progress, point)
         seconds = float(result.provenance.get("adapt_seconds", time.perf_counter() - start))
-        per_task = {t: s.primary for t, s in scores.items()}
+        return result, points, {t: s.primary for t, s in scores.items()}, seconds
+
+    def run_variant(self, variant: Variant, cache: ExpertCache | None = None) -> VariantOutcome:
+        """Train one variant with the suite's settings (plus its overrides) and score it on the test split."""
+        result, _points, per_task, seconds = self.adapt(variant, cache, [])
         outcome = VariantOutcome(variant.label, per_task, mean(per_task), self.normalized(per_task), seconds, result)
         self.log(f"{variant.label:>28s}: normalized {outcome.normalized_average:.4f} ({seconds:.0f}s)")
         return outcome
+
+    def run_curve(self, variant: Variant, marks: list[int]) -> list[dict[str, float]]:
+        """Train one variant, returning its score at each of `marks` steps (the last one: the variant's steps)."""
+        _result, points, _per_task, _seconds = self.adapt(variant, None, marks)
+        for p in points:
+            self.log(f"{variant.label:>28s} @ {int(p['iterations'])}: normalized {p['normalized_average']:.4f} "
+                     f"({p['seconds']:.0f}s)")
+        return points
 
     def run_variants(self, variants: list[Variant]) -> dict[str, VariantOutcome]:
         return {v.label: self.run_variant(v) for v in variants}
