@@ -247,6 +247,49 @@ def test_surgery_keeps_lambda_fixed_and_can_start_from_another_result(toy_proble
     assert set(surgery.adapters) == set(tv.tasks)
 
 
+class PooledReLU6Encoder(nn.Module):
+    """Non-negative features like a CNN's pooled ReLU6 output (MobileNetV2): the case where Surgery's adapters died."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu6(self.proj(x) + 1.0)
+
+
+def test_surgery_adapters_train_on_non_negative_features():
+    """At the vision regime's task-layer rate (1e-2) Adam's first W_down steps pushed every ReLU pre-activation of the
+    adapters below zero on such features, freezing them (Surgery equal to task arithmetic on the vision suite); at the
+    official adapter rate they keep training: they change, most units stay active and the L1 objective falls."""
+    torch.manual_seed(0)
+    enc = PooledReLU6Encoder()
+    tv = TaskVectors.from_state_dicts(enc.state_dict(), perturbed_experts(enc, ("a", "b", "c"), 0.3))
+    heads = {t: nn.Linear(512, 4) for t in tv.tasks}
+    inputs = {t: torch.randn(128, 16) for t in tv.tasks}
+    trainer = build_trainer("surgery", enc, heads, tv, inputs, config=TrainerConfig(
+        regime="vision", steps=30, batch_size=32, lr=1e-2, layer_lr=1e-2, progress=False))
+    surgery = trainer.method
+    assert surgery.param_groups(1e-2, 1e-2)[0]["lr"] == 1e-3  # the official rate, not the task-layer rate
+
+    def objective() -> float:
+        with torch.no_grad():
+            return sum(float((surgery.surgery[surgery.slot(t)](surgery.frozen_features[t])
+                              - trainer.cache.features[t]).abs().mean()) for t in tv.tasks) / len(tv.tasks)
+
+    surgery.prepare(inputs, 32, "cpu")
+    before = objective()
+    trainer.run()
+    assert objective() < 0.95 * before
+    for t in tv.tasks:
+        adapter = surgery.surgery[surgery.slot(t)]
+        assert adapter.up.weight.abs().sum() > 0
+        active = (adapter.down(surgery.frozen_features[t]) > 0).any(dim=0).float().mean()
+        assert active > 0.75, f"{t}: only {float(active):.0%} of the adapter's ReLU units are ever active"
+    with pytest.raises(ValidationError, match="adapter_lr"):
+        build_trainer("surgery", enc, heads, tv, inputs, config=TrainerConfig(**FAST), adapter_lr=0.0)
+
+
 def test_bad_options_are_named(toy_problem):
     tv = toy_problem.task_vectors()
     with pytest.raises(ValidationError, match="unknown adaptive method 'symurge'"):

@@ -85,7 +85,7 @@ def build_trainer(
     merged = MergedEncoder(encoder, task_vectors, granularity=chosen_granularity, init=lambda_init, clamp=clamp).to(cfg.device)
     # Copies on the device (the caller's heads stay where they are), in fp32 at least: heads are the trained layer.
     heads_on_device = {t: module_on(h, cfg.device, dtype=at_least_fp32(floating_dtype(h))) for t, h in heads.items()}
-    options = dict(method_options)
+    options = spec.options_for(cfg.regime, method_options)  # the regime's defaults (e.g. SyMerge's filter) + given
     try:  # before the expert pass: an option that does not fit the model fails without that work
         adaptive = spec.cls(merged, heads_on_device, task_kinds=task_kinds, **options).to(cfg.device)
     except TypeError as err:

@@ -34,6 +34,12 @@ class AdaptiveSpec:
     coefficients_only: CoefficientsOnly = False  # trains λ alone: the regime's coefficient-only rate (App. A.1)
     learns_lambdas: bool = True  # λ is trained (its λ map and loss history go into suite reports)
     checks: Mapping[str, Check] = field(default_factory=dict)  # value checks of the method's own options
+    # Option defaults per TrainerConfig regime (a paper's per-domain settings); options the caller gives win.
+    regime_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def options_for(self, regime: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The options a run uses: the regime's defaults for this method, overridden by the given options."""
+        return {**self.regime_options.get(regime, {}), **options}
 
     def trains_coefficients_only(self, options: Mapping[str, Any]) -> bool:
         """Whether a run with these options trains λ alone (SyMerge with `train_layer=False` does)."""
@@ -52,6 +58,7 @@ def register_adaptive(
     coefficients_only: CoefficientsOnly = False,
     learns_lambdas: bool = True,
     checks: Mapping[str, Check] | None = None,
+    regime_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: register an `AdaptiveMethod` subclass under `name` (also set as the class's `name`)."""
 
@@ -59,7 +66,8 @@ def register_adaptive(
         if name in ADAPTIVE and ADAPTIVE[name].cls is not cls:
             raise ValueError(f"adaptive method '{name}' is already registered")
         cls.name = name
-        ADAPTIVE[name] = AdaptiveSpec(name, cls, granularity, coefficients_only, learns_lambdas, dict(checks or {}))
+        ADAPTIVE[name] = AdaptiveSpec(name, cls, granularity, coefficients_only, learns_lambdas, dict(checks or {}),
+                                      {regime: dict(opts) for regime, opts in (regime_options or {}).items()})
         return cls
 
     return wrap

@@ -15,8 +15,9 @@ coefficient-only / layer-only), not both. `head_init="random"` re-initialises ea
 (`reset_parameters`), seeded from the trainer seed, instead of starting from the expert's head.
 Objective per task (`loss`, objectives.SELF_LABEL_LOSSES, paper Fig. C): "ce" to the teacher's hard label (default;
 the paper's), "kl" to its soft prediction (`labels="soft"` is the older spelling), "js", "l1", "smooth_l1", "l2",
-"cosine", or AdaMerging's "entropy"; the relative confidence filter (`filter_rule`: "code" default, "paper",
-"none") selects the samples of every loss that reads the teacher. Regression / dense tasks always use L1 to the
+"cosine", or AdaMerging's "entropy"; the relative confidence filter (`filter_rule`: "code", "paper", "none")
+selects the samples of every loss that reads the teacher. Its default follows the paper per regime: "code" in the
+vision regime, "none" in the NLP and dense regimes (`REGIME_OPTIONS`; a given `filter_rule` always wins). Regression / dense tasks always use L1 to the
 teacher output.
 """
 
@@ -124,10 +125,14 @@ def head_seed(base: int, index: int) -> int:
     return (base * 1_000_003 + index + 1) % (2**63 - 1)
 
 
+# The paper filters self-labels by confidence in the vision regime only (App. A.1): NLP and dense run unfiltered.
+REGIME_OPTIONS = {"nlp": {"filter_rule": "none"}, "dense": {"filter_rule": "none"}}
+
+
 @register_adaptive("symerge", granularity="tensor", coefficients_only=trains_coefficients_only, checks={
     "filter_rule": one_of(FILTER_RULES), "labels": one_of(LABEL_TYPES), "loss": one_of(LOSSES),
     "temperature": positive, "task_layer": check_task_layer, "head_init": one_of(HEAD_INITS),
-})
+}, regime_options=REGIME_OPTIONS)
 class SyMerge(AdaptiveMethod):
 
     def __init__(

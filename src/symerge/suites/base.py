@@ -39,11 +39,16 @@ class SuiteConfig(RunsOn):
 
 
 # The text and vision suites' default method list (issue 7); every other registered static method runs by name
-# (`--methods`) or with `--methods all`.
+# (`--methods`) or with `--methods all`. `adamerging_summed` is AdaMerging as its official code updates (issue 17).
 CLASSIFICATION_METHODS = [
     "pretrained", "individual", "weight_averaging", "task_arithmetic", "task_arithmetic_val", "ties",
-    "adamerging", "surgery", "symerge", "wemoe",
+    "adamerging", "adamerging_summed", "surgery", "symerge", "wemoe",
 ]
+
+
+def with_rows_after(methods: list[str], after: Mapping[str, str]) -> list[str]:
+    """`methods` with the row `after[m]` inserted right after each method m (a suite's extra variant rows)."""
+    return [row for name in methods for row in ([name, after[name]] if name in after else [name])]
 
 
 class ClassificationSuiteConfig(SuiteConfig):

@@ -7,12 +7,12 @@ from typing import Any
 
 from symerge.adaptive.registry import ADAPTIVE
 from symerge.evaluation.metrics import mean, normalized
-from symerge.suites.runner import Benchmark, MethodOutcome
+from symerge.suites.runner import Benchmark, MethodOutcome, row_method
 
 
 def lambda_methods(outcomes: Mapping[str, MethodOutcome]) -> list[str]:
-    """The methods run that learn λ (registered so): their λ map and loss history go into the report."""
-    return [name for name in outcomes if name in ADAPTIVE and ADAPTIVE[name].learns_lambdas]
+    """The rows run whose method learns λ (registered so): their λ map and loss history go into the report."""
+    return [name for name in outcomes if row_method(name) in ADAPTIVE and ADAPTIVE[row_method(name)].learns_lambdas]
 
 
 def method_entry(outcome: MethodOutcome, reference: Mapping[str, float], metrics_per_task: bool = False) -> dict[str, Any]:

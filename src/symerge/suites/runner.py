@@ -102,8 +102,49 @@ class MethodOutcome:
     notes: str = ""
 
 
+# --- rows that run an adaptive method the way a paper names a variant of it ---------------------------------------
+@dataclass(frozen=True)
+class RowVariant:
+    """A suite row running a registered adaptive method another way: trainer overrides on top of the method's own
+    suite settings (`per_method[method]`, then `per_method[row]`), and optionally the λ another row learned as its
+    fixed starting point (a method that does not learn λ keeps it: Surgery w/ Ada)."""
+
+    method: str
+    about: str  # one line for the report's notes and the README
+    trainer: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # method options on top of the method's suite options
+    lambdas_from: str | None = None  # a row that must run first; its learned λ (and granularity) start this row
+
+
+ROW_VARIANTS: dict[str, RowVariant] = {
+    "adamerging_summed": RowVariant(
+        "adamerging", "AdaMerging as its official code runs it: the K tasks' entropies summed, one update per iteration",
+        trainer={"update": "summed"}),
+    "surgery_ada": RowVariant(
+        "surgery", "Surgery w/ Ada (the paper's vision rows): adapters on AdaMerging's merged encoder, λ taken from "
+        "the adamerging row", lambdas_from="adamerging"),
+    # The paper filters SyMerge's self-labels in the vision regime only (its regime default); each suite reports the
+    # other setting beside it.
+    "symerge_filtered": RowVariant(
+        "symerge", "SyMerge with the relative confidence filter (the paper's vision setting)",
+        options={"filter_rule": "code"}),
+    "symerge_unfiltered": RowVariant(
+        "symerge", "SyMerge without the confidence filter (the paper's NLP and dense setting)",
+        options={"filter_rule": "none"}),
+}
+
+
 def known_methods() -> list[str]:
-    return list(SPECIAL) + available_methods() + adaptive_methods()
+    return list(SPECIAL) + available_methods() + adaptive_methods() + list(ROW_VARIANTS)
+
+
+def row_method(name: str) -> str:
+    """The registered method a row runs (a row variant's method, else the row's own name)."""
+    return ROW_VARIANTS[name].method if name in ROW_VARIANTS else name
+
+
+def is_adaptive_row(name: str) -> bool:
+    return is_adaptive(row_method(name))
 
 
 def check_methods(methods: Sequence[str]) -> None:
@@ -111,6 +152,36 @@ def check_methods(methods: Sequence[str]) -> None:
     for name in methods:
         if name not in known:
             raise ValidationError(f"unknown method '{name}'; available: {known}")
+        source = ROW_VARIANTS[name].lambdas_from if name in ROW_VARIANTS else None
+        if source is not None and source not in methods:
+            raise ValidationError(f"method '{name}' starts from the λ that '{source}' learns: add '{source}' to the "
+                                  f"method list")
+
+
+def row_settings(name: str, settings: AdaptSettings, outcomes: Mapping[str, MethodOutcome]) -> AdaptSettings:
+    """The settings a row runs its method with: a row variant's trainer overrides and starting λ layered on the
+    method's own settings (a plain method's row: the settings unchanged)."""
+    if name not in ROW_VARIANTS:
+        return settings
+    variant = ROW_VARIANTS[name]
+    trainer = {**settings.per_method.get(variant.method, {}), **variant.trainer, **settings.per_method.get(name, {})}
+    options = {**settings.method_options.get(variant.method, {}), **variant.options,
+               **settings.method_options.get(name, {})}
+    if variant.lambdas_from is not None:
+        source = outcomes[variant.lambdas_from].result
+        if source.lambdas is None:
+            raise ValidationError(f"method '{name}': the '{variant.lambdas_from}' row learned no λ to start from")
+        options.update(init=source.lambdas, granularity=source.provenance["granularity"])
+    return settings.model_copy(update={"per_method": {**settings.per_method, variant.method: trainer},
+                                       "method_options": {**settings.method_options, variant.method: options}})
+
+
+def run_order(methods: Sequence[str]) -> list[str]:
+    """individual first (normalized scores need it), then the methods, each row variant after the row it starts
+    from."""
+    order = ["individual"] + [m for m in methods if m != "individual"]
+    dependent = [m for m in order if m in ROW_VARIANTS and ROW_VARIANTS[m].lambdas_from is not None]
+    return [m for m in order if m not in dependent] + dependent
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
@@ -218,7 +289,7 @@ def run_methods(
     check_methods(methods)
     if protocol not in ("held-out", "transductive"):
         raise ValidationError(f"protocol must be 'held-out' or 'transductive', got '{protocol}'")
-    order = ["individual"] + [m for m in methods if m != "individual"]
+    order = run_order(methods)
     device = settings.device
     tv = bench.task_vectors(settings.storage_dtype)
     adapt_inputs = bench.tasks.adapt_inputs(protocol)
@@ -232,13 +303,15 @@ def run_methods(
         curve: list[dict[str, float]] = []
         notes = ""
         with track() as meter:
-            if is_adaptive(name):
+            if is_adaptive_row(name):
                 if cache is None:
                     cache = expert_cache_for(bench, tv, adapt_inputs, settings, progress)
                     log(f"expert outputs cached for {sum(len(v) for v in cache.outputs.values())} adaptation inputs "
                         f"in {cache.seconds:.1f}s (runs per sample: {sorted(set(cache.runs_per_sample().values()))})")
-                result, curve, scores = adaptive_result(name, bench, tv, adapt_inputs, cache, settings, progress,
-                                                        curve_point, post_merge)
+                result, curve, scores = adaptive_result(row_method(name), bench, tv, adapt_inputs, cache,
+                                                        row_settings(name, settings, outcomes), progress, curve_point,
+                                                        post_merge)
+                notes = ROW_VARIANTS[name].about if name in ROW_VARIANTS else ""
             elif name == "task_arithmetic_val":
                 result, coef = task_arithmetic_on_validation(bench, tv, settings.ta_grid, device, post_merge)
                 notes = f"λ={coef} chosen on the labeled validation split"
@@ -246,11 +319,11 @@ def run_methods(
                 result = static_result(name, bench, tv, (static_options or {}).get(name, {}))
                 if post_merge is not None and name not in MERGED_BASELINES_EXCLUDED:
                     result = post_merge(result)
-        if not is_adaptive(name):
+        if not is_adaptive_row(name):
             scores = score(result, bench, device)
         accs, eces = primary_and_ece(scores)
         # Seconds = merging / adaptation work only (evaluation excluded; the shared expert pass is reported apart).
-        seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if is_adaptive(name) else meter.seconds
+        seconds = float(result.provenance.get("adapt_seconds", meter.seconds)) if is_adaptive_row(name) else meter.seconds
         outcomes[name] = MethodOutcome(result, seconds, meter.peak_mb, accs, eces,
                                        {t: s.metrics for t, s in scores.items()}, curve, notes)
         log(f"{name:>22s}: average {mean(accs):.4f}  ({seconds:.1f}s, peak {meter.peak_mb:.0f} MB)")

@@ -18,11 +18,12 @@ import torch
 from pydantic import ConfigDict, Field
 
 from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
-                                 run_and_report)
+                                 run_and_report, with_rows_after)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
-DEFAULT_METHODS = CLASSIFICATION_METHODS
+# SyMerge runs unfiltered in the NLP regime as in the paper; the filtered row (its vision setting) beside it.
+TEXT_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"symerge": "symerge_filtered"})
 QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
 # WEMoE trains its routers alone, with the same iterations and batch as the other adaptive methods (the paper gives
 # every test-time method the same samples). FusionBench's lr 1e-4 is for 1,000 steps; on the quick suite (30
@@ -42,6 +43,7 @@ class TextSuiteConfig(ClassificationSuiteConfig):
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("text task", text_task_names)] = Field(default_factory=list, description="task names; empty = the 8 defaults")
+    methods: list[str] = Field(default_factory=lambda: list(TEXT_METHODS))
     max_train: int = 2000
     n_val: int = 100
     max_len: int = 64

@@ -26,12 +26,14 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
+from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, with_rows_after, ExpertJob, fine_tune_experts,
                                  run_and_report)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
-DEFAULT_METHODS = CLASSIFICATION_METHODS
+# The paper's vision rows run Surgery from AdaMerging's λ ("Surgery w/ Ada": the TA-started row stays beside it) and
+# filter SyMerge's self-labels (its vision default): the unfiltered row beside it.
+VISION_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"surgery": "surgery_ada", "symerge": "symerge_unfiltered"})
 QUICK_TASKS = ["fashion_mnist", "animal_mnist", "digits", "emoji_category"]
 BN_FROZEN_NOTE = ("BatchNorm: running statistics were frozen (BN layers in eval mode) while fine-tuning the experts; "
                   "task vectors cover the convolutions and the BN affine parameters only.")
@@ -70,6 +72,7 @@ class VisionSuiteConfig(ClassificationSuiteConfig):
     model_config = ConfigDict(extra="forbid")
 
     tasks: Annotated[list[str], known_names("image task", image_task_names)] = Field(default_factory=list, description="task names; empty = the 6 defaults")
+    methods: list[str] = Field(default_factory=lambda: list(VISION_METHODS))
     max_train: int = 1500
     n_val: int = 60
     image_size: int = 64

@@ -1,0 +1,87 @@
+"""Suite rows that run an adaptive method the way a paper names a variant of it (`suites.runner.ROW_VARIANTS`):
+AdaMerging with summed task losses, Surgery w/ Ada (adapters on AdaMerging's λ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from symerge.adaptive import TrainerConfig, adapt
+from symerge.errors import ValidationError
+from symerge.suites.runner import AdaptSettings, Benchmark, check_methods, known_methods, run_methods, run_order
+from symerge.suites.tasks import TaskData
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def bench(toy_problem) -> Benchmark:
+    tasks = {t: TaskData(t, ["0", "1", "2", "3"], adapt=toy_problem.adapt_inputs[t], test=toy_problem.test_inputs[t],
+                         test_labels=toy_problem.test_labels[t], val=toy_problem.test_inputs[t][:8],
+                         val_labels=toy_problem.test_labels[t][:8]) for t in toy_problem.heads}
+    return Benchmark(toy_problem.encoder, dict(toy_problem.heads), dict(toy_problem.experts), tasks)
+
+
+def settings() -> AdaptSettings:
+    return AdaptSettings(regime="vision", steps=STEPS, batch_size=32, lr=1e-2, layer_lr=1e-2, curve=[],
+                         per_method={"adamerging": {"lr": 5e-3}}, progress=False)
+
+
+def config(**overrides) -> TrainerConfig:
+    return TrainerConfig(**{"regime": "vision", "steps": STEPS, "batch_size": 32, "layer_lr": 1e-2, "progress": False,
+                            "lr": 5e-3, **overrides})
+
+
+@pytest.fixture(scope="module")
+def outcomes(bench):
+    return run_methods(bench, ["adamerging", "surgery_ada", "adamerging_summed", "surgery"], "held-out", settings(),
+                       progress=False, log=lambda _: None)
+
+
+def test_rows_equal_the_method_run_directly_that_way(bench, toy_problem, outcomes):
+    """Each variant row equals its method called by hand with the variant's settings (summed update; Surgery from
+    AdaMerging's learned λ), and differs from the plain row."""
+    tv = bench.task_vectors()
+    inputs = bench.tasks.adapt_inputs("held-out")
+    summed = adapt("adamerging", bench.encoder, bench.heads, tv, inputs, config=config(update="summed"))
+    torch.testing.assert_close(outcomes["adamerging_summed"].result.lambdas, summed.lambdas, rtol=0, atol=0)
+    assert not torch.equal(outcomes["adamerging_summed"].result.lambdas, outcomes["adamerging"].result.lambdas)
+
+    ada = outcomes["adamerging"].result
+    surgery_ada = adapt("surgery", bench.encoder, bench.heads, tv, inputs, config=config(lr=None),
+                        init=ada.lambdas, granularity="tensor")
+    row = outcomes["surgery_ada"].result
+    torch.testing.assert_close(row.lambdas, ada.lambdas, rtol=0, atol=0)  # Surgery keeps AdaMerging's λ
+    x = toy_problem.test_inputs["task0"][:16]
+    torch.testing.assert_close(row.predict("task0", x), surgery_ada.predict("task0", x))
+    assert not torch.allclose(row.predict("task0", x), outcomes["surgery"].result.predict("task0", x))
+    assert outcomes["surgery_ada"].notes.startswith("Surgery w/ Ada")
+
+
+def test_row_order_and_dependency_checks():
+    assert run_order(["surgery_ada", "symerge", "adamerging"]) == ["individual", "symerge", "adamerging", "surgery_ada"]
+    assert {"adamerging_summed", "surgery_ada"} <= set(known_methods())
+    check_methods(["adamerging", "surgery_ada"])
+    with pytest.raises(ValidationError, match="'surgery_ada' starts from the λ that 'adamerging' learns"):
+        check_methods(["task_arithmetic", "surgery_ada"])
+
+
+def test_symerge_filter_follows_the_paper_per_regime(bench):
+    """Vision regime: the confidence filter; NLP and dense: none (paper App. A.1). A given filter_rule wins, and the
+    suites' symerge_filtered / symerge_unfiltered rows set it."""
+    from symerge.adaptive import build_trainer
+    from symerge.suites.runner import row_settings
+
+    tv = bench.task_vectors()
+    inputs = bench.tasks.adapt_inputs("held-out")
+    for regime, expected in (("vision", "code"), ("nlp", "none"), ("dense", "none")):
+        trainer = build_trainer("symerge", bench.encoder, bench.heads, tv, inputs, config=config(regime=regime))
+        assert trainer.method.filter_rule == expected, regime
+        assert trainer.result().provenance["options"].get("filter_rule", "code") == expected  # recorded when set
+    given = build_trainer("symerge", bench.encoder, bench.heads, tv, inputs, config=config(regime="nlp"),
+                          filter_rule="paper")
+    assert given.method.filter_rule == "paper"
+    base = settings()
+    assert row_settings("symerge_filtered", base, {}).method_options["symerge"] == {"filter_rule": "code"}
+    assert row_settings("symerge_unfiltered", base, {}).method_options["symerge"] == {"filter_rule": "none"}
+    assert row_settings("symerge", base, {}) is base
