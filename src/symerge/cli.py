@@ -47,6 +47,7 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
     from symerge.report.markdown import methods_table
     from symerge.report.writer import REPORT_FILES
     from symerge.suites.runner import check_methods, known_methods
+    from symerge.suites.seeds import SUMMARY_FILES, check_seeds, run_seeds, summary_markdown
 
     overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, "precision": args.precision,
                  **extra}
@@ -60,9 +61,17 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
         overrides["tasks"] = parse_methods(args.tasks)
     cfg = suite_config(config_cls, args.quick, overrides)
     out = Path(args.out or f"runs/{suite}-{time.strftime('%Y%m%d-%H%M%S')}")
-    prepare_output_dir(out, args.overwrite, REPORT_FILES)  # before any work: only ever replace a previous report
+    seeds = check_seeds(args.seeds) if args.seeds is not None else None
+    # before any work: only ever replace a previous report (or multi-seed output)
+    prepare_output_dir(out, args.overwrite, REPORT_FILES if seeds is None else SUMMARY_FILES)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if seeds is not None:
+        summary = run_seeds(suite, cfg, seeds, out, run_suite, progress=not args.no_progress)
+        print()
+        print(summary_markdown(summary))
+        print(f"\nsummary: {out / 'summary.md'}  ({summary['seconds']:.0f} s)")
+        return 0
     report = run_suite(cfg, out, progress=not args.no_progress)
     print()
     print(methods_table(report))
@@ -212,7 +221,11 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     parser.add_argument("--methods", help="comma-separated method names, or 'all' (default: the suite's list)")
     parser.add_argument("--tasks", help=f"comma-separated task names (default: {default_tasks})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--seed", type=int, default=0)
+    seeding = parser.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=0)
+    seeding.add_argument("--seeds", type=parse_seeds, default=None,
+                         help="comma-separated seeds, e.g. 0,1,2: one report per seed in seed-N/ plus summary.md with "
+                              "each method's mean ± std")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast dtype of adaptation (fp16: GPU only, with a GradScaler)")

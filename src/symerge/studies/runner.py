@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from symerge.errors import ValidationError
 from symerge.studies.base import StudyContext, StudyOutput, StudySpec, get_study
 from symerge.suites.base import SuiteConfig
 from symerge.suites.runner import Benchmark, primary_scores, static_result
+from symerge.suites.seeds import check_seeds, seed_statistics
 
 STUDY_FILES = ("study.json", "study.md")  # what marks a dir as a study output that `--overwrite` may replace
 SUITES = ("text", "vision", "dense")
@@ -45,18 +45,6 @@ def suite_parts(suite: str) -> tuple[type[SuiteConfig], Builder, int]:
 
         return DenseSuiteConfig, dense_benchmark, 3
     raise ValidationError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
-
-
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    values = list(seeds)
-    if not values:
-        raise ValidationError("--seeds: give at least one seed")
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in values):
-        raise ValidationError(f"--seeds: seeds must be integers, got {values}")
-    repeated = sorted({s for s in values if values.count(s) > 1})
-    if repeated:
-        raise ValidationError(f"--seeds: seed {repeated[0]} given twice")
-    return values
 
 
 def check_study_options(spec: StudySpec, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -135,12 +123,7 @@ def seed_markdown(spec: StudySpec, record: Mapping[str, Any], output: StudyOutpu
 def summarize(headlines: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
     """Per headline number: mean and sample standard deviation (n − 1) over seeds, and the values per seed."""
     names = list(next(iter(headlines.values())))
-    out = {}
-    for name in names:
-        values = [float(h.get(name, math.nan)) for h in headlines.values()]
-        out[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                     "values": dict(zip((str(s) for s in headlines), values))}
-    return out
+    return {name: seed_statistics({seed: h.get(name, math.nan) for seed, h in headlines.items()}) for name in names}
 
 
 def summary_markdown(spec: StudySpec, summary: Mapping[str, Any]) -> str:

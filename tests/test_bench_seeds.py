@@ -1,0 +1,78 @@
+"""`symerge bench <suite> --seeds 0,1,2`: one report per seed, then each method's mean ± sample std over seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from symerge.cli import main
+from symerge.errors import ValidationError
+from symerge.suites.seeds import check_seeds, summarize_reports
+
+SCORES = {0: {"symerge": 0.97, "task_arithmetic": 0.80}, 1: {"symerge": 0.99, "task_arithmetic": 0.84},
+          2: {"symerge": 0.98, "task_arithmetic": 0.79}}
+
+
+def fake_suite(calls: list):
+    """A stand-in suite run: records the seed it was given and writes a report whose scores depend on it."""
+    def run(cfg, out_dir, progress=True):
+        calls.append(cfg.seed)
+        methods = {m: {"normalized_average": v, "average": v - 0.1, "seconds": 10.0 + cfg.seed}
+                   for m, v in SCORES[cfg.seed].items()}
+        report = {"methods": methods, "total_seconds": 1.0}
+        out_dir.mkdir(parents=True)
+        (out_dir / "report.json").write_text(json.dumps(report))
+        (out_dir / "report.md").write_text("# report\n")
+        return report
+
+    return run
+
+
+def test_bench_seeds_writes_a_report_per_seed_and_the_mean_and_std(tmp_path, monkeypatch, capsys):
+    import symerge.suites.text
+
+    calls: list[int] = []
+    monkeypatch.setattr(symerge.suites.text, "run_text_suite", fake_suite(calls))
+    out = tmp_path / "seeds"
+    assert main(["bench", "text", "--quick", "--seeds", "0,1,2", "--out", str(out), "--no-progress"]) == 0
+    assert calls == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["seed-0", "seed-1", "seed-2", "summary.json", "summary.md"]
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("symerge", "task_arithmetic"):
+        values = [SCORES[s][method] for s in (0, 1, 2)]
+        stats = summary["methods"][method]["normalized_average"]
+        assert stats["mean"] == pytest.approx(statistics.fmean(values))
+        assert stats["std"] == pytest.approx(statistics.stdev(values))
+        assert stats["values"] == {str(s): SCORES[s][method] for s in (0, 1, 2)}
+    assert "| symerge | 98.0 ± 1.0 |" in (out / "summary.md").read_text()
+    assert "98.0 ± 1.0" in capsys.readouterr().out
+    # a second run into the same folder needs --overwrite, and is allowed with it
+    assert main(["bench", "text", "--quick", "--seeds", "0,1", "--out", str(out), "--no-progress"]) == 2
+    assert main(["bench", "text", "--quick", "--seeds", "0,1", "--out", str(out), "--overwrite", "--no-progress"]) == 0
+
+
+def test_bad_seed_lists_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import symerge.suites.text
+
+    monkeypatch.setattr(symerge.suites.text, "run_text_suite", fake_suite([]))
+    assert main(["bench", "text", "--seeds", "0,0", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "seed 0 given twice" in capsys.readouterr().err
+    for seeds in ("a,b", ","):  # argparse refuses these (exit status 2)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "text", "--seeds", seeds, "--out", str(tmp_path / "x"), "--no-progress"])
+        assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "text", "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValidationError, match="seed 3 given twice"):
+        check_seeds([3, 3])
+
+
+def test_summary_keeps_methods_run_for_every_seed():
+    reports = {0: {"methods": {"a": {"normalized_average": 1.0, "average": 1.0, "seconds": 1.0},
+                               "b": {"normalized_average": 1.0, "average": 1.0, "seconds": 1.0}}},
+               1: {"methods": {"a": {"normalized_average": 0.5, "average": 0.5, "seconds": 1.0}}}}
+    assert list(summarize_reports(reports)) == ["a"]
+    assert summarize_reports({0: reports[0]})["a"]["normalized_average"]["std"] == 0.0
