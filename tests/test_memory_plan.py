@@ -120,7 +120,8 @@ def test_safetensors_header_read_without_tensors(tmp_path: Path):
         mp.header_shapes(tmp_path / "missing.safetensors")
 
 
-def hf_config(tmp_path: Path, storage: str = "float32") -> Path:
+def hf_config(tmp_path: Path, storage: str = "float32", name: str = "symerge",
+              options: dict | None = None) -> Path:
     labels = {"sst2": 2, "topic": 3}
     tmp_path.mkdir(parents=True, exist_ok=True)
     pre, experts = hf_tiny.make_pool(tmp_path, labels=labels)
@@ -128,7 +129,8 @@ def hf_config(tmp_path: Path, storage: str = "float32") -> Path:
     return hf_tiny.write_config(
         tmp_path / f"config-{storage}.yaml",
         model={"family": "hf_text", "pretrained": str(pre), "experts": {t: str(p) for t, p in experts.items()}},
-        method={"name": "symerge", "storage_dtype": storage, "trainer": {"steps": 2, "batch_size": 4}},
+        method={"name": name, "storage_dtype": storage, "trainer": {"steps": 2, "batch_size": 4},
+                **({"options": options} if options else {})},
         data={"adapt": adapt, "max_len": 12}, output_dir=str(tmp_path / f"out-{storage}"))
 
 
@@ -146,6 +148,18 @@ def test_plan_config_hf_text_counts_shapes_from_config_json(tmp_path: Path):
     assert tau == 2 * floating * 4
     bf16_plan, _, _ = mp.plan_config(load_config(hf_config(tmp_path / "b", "bfloat16")))
     assert next(v for k, v in bf16_plan.resident.items() if k.startswith("τ")) == tau // 2
+
+
+def test_plan_counts_trained_heads_only_where_heads_train(tmp_path: Path):
+    """Heads get gradient and Adam state only when SyMerge trains them; λ-only SyMerge, AdaMerging and Surgery keep
+    them frozen."""
+    def trained_head_params(name: str, options: dict | None = None) -> int:
+        cfg = load_config(hf_config(tmp_path / f"{name}-{bool(options)}", name=name, options=options))
+        return sum(mp.plan_config(cfg)[2].head_params.values())
+
+    assert trained_head_params("symerge") > 0
+    for name, options in (("symerge", {"train_layer": False}), ("adamerging", None), ("surgery", None)):
+        assert trained_head_params(name, options) == 0, name
 
 
 def test_cli_plan_prints_estimate_and_names_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -329,6 +329,7 @@ def state_dict_shapes(cfg: Any) -> tuple[ModelShape, dict[str, int], dict[str, i
 
 def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
     """The plan of a validated `MergeConfig` (`symerge.config.load_config`), from files' metadata only."""
+    from symerge.adaptive.registry import get_adaptive
     from symerge.models.families import get_family
 
     readers = {"hf_text": text_shapes, "clip": clip_shapes, "state_dict": state_dict_shapes}
@@ -336,11 +337,16 @@ def plan_config(cfg: Any) -> tuple[MemoryPlan, ModelShape, RunShape]:
         raise ValidationError(f"{cfg.source}: model.family: `symerge plan` has no shape reader for family "
                               f"'{cfg.model.family}' yet (it has: {sorted(readers)})")
     model, outputs, heads = readers[cfg.model.family](cfg)
-    trainer = cfg.trainer_config().resolved(coefficients_only=cfg.method.name == "adamerging") if cfg.adaptive else None
+    spec = get_adaptive(cfg.method.name) if cfg.adaptive else None
+    coefficients_only = spec is not None and spec.trains_coefficients_only(cfg.method.options)
+    trainer = cfg.trainer_config().resolved(coefficients_only=coefficients_only) if cfg.adaptive else None
     task_layer = str(cfg.method.options.get("task_layer", "head"))
-    if cfg.method.name == "adamerging" or (cfg.method.name == "symerge" and task_layer != "head"):
-        heads = {t: 0 for t in heads}  # frozen heads (SyMerge block task layers are not modelled: see notes)
-    granularity = cfg.method.options.get("granularity", "task" if cfg.method.name == "surgery" else "tensor")
+    trains_heads = cfg.method.name == "symerge" and not coefficients_only and task_layer == "head"
+    if cfg.adaptive and not trains_heads:
+        # frozen heads: no gradient or Adam state (λ-only runs, AdaMerging, Surgery; SyMerge's block task layers
+        # are not modelled: see notes)
+        heads = {t: 0 for t in heads}
+    granularity = cfg.method.options.get("granularity", spec.granularity if spec is not None else "tensor")
     run = RunShape(
         tasks=cfg.tasks, samples=data_samples(cfg) if cfg.adaptive else {}, outputs=outputs, head_params=heads,
         batch_size=int(trainer.batch_size) if trainer else 0, storage_dtype=cfg.method.storage_dtype,
