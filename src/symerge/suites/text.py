@@ -35,8 +35,11 @@ QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
 #   over the batch (`batch_reduce`), task losses accumulated into one update per iteration. `symerge study tuning`
 #   measured it on this suite (docs/studies/text/wemoe-tuning): 92.0 / 91.4 / 91.4 % normalized at 50 / 100 / 200
 #   iterations, against task arithmetic's 91.1 %; per-sample routing updated per task at lr 1e-3 fell to 83.0 %.
+# - Surgery: its adapters at lr 1e-2, the best of `symerge study tuning --suite text --option method=surgery`
+#   (docs/studies/text/surgery-tuning, 100 iterations): 3e-2 → 92.6 % normalized, 1e-2 → 97.0, 3e-3 → 96.4,
+#   1e-3 (the official code's) → 93.5.
 TEXT_PER_METHOD: dict[str, dict[str, Any]] = {"adamerging": {"lr": 5e-4}, "wemoe": {"lr": 1e-4, "update": "summed"}}
-TEXT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"wemoe": {"batch_reduce": True}}
+TEXT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"wemoe": {"batch_reduce": True}, "surgery": {"adapter_lr": 1e-2}}
 
 
 def text_task_names() -> list[str]:
