@@ -356,3 +356,13 @@ def test_tuning_grid_values_go_through_the_method_checks(bench):
     ctx.options = {"method": "wemoe", "grid": {"router_hidden_layers": [1, -1]}}
     with pytest.raises(ValidationError, match="wemoe option 'router_hidden_layers'"):
         tuning(ctx)
+
+
+def test_tuning_logs_each_curve_point_as_it_is_scored(bench):
+    ctx = context(bench)
+    lines: list[str] = []
+    ctx.log = lines.append
+    points = ctx.run_curve(Variant("run", method="adamerging", trainer={"steps": 4}), [2, 4])
+    assert [int(p["iterations"]) for p in points] == [2, 4]
+    assert [line.split("@")[1].split(":")[0].strip() for line in lines] == ["2", "4"]
+    assert lines[0].endswith(f"{points[0]['normalized_average']:.4f}")

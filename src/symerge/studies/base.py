@@ -143,12 +143,17 @@ class StudyContext:
             "curve": list(curve),
         })
 
-    def adapt(self, variant: Variant, cache: ExpertCache | None, curve: list[int]) -> tuple[
+    def adapt(self, variant: Variant, cache: ExpertCache | None, curve: list[int],
+              on_point: Callable[[dict[str, float]], None] | None = None) -> tuple[
             MergeResult, list[dict[str, float]], dict[str, float], float]:
         """Train one variant, scoring the test split at the `curve` steps on the way: (result, curve points with
-        average / normalized_average / seconds, final per-task scores, adaptation seconds)."""
+        average / normalized_average / seconds, final per-task scores, adaptation seconds). `on_point` sees each
+        point as it is scored."""
         def point(per_task: dict[str, float]) -> dict[str, float]:
-            return {"average": mean(per_task), "normalized_average": self.normalized(per_task)}
+            scored = {"average": mean(per_task), "normalized_average": self.normalized(per_task)}
+            if on_point is not None:
+                on_point(scored)
+            return scored
 
         start = time.perf_counter()
         result, points, scores = adaptive_result(
@@ -166,10 +171,12 @@ class StudyContext:
 
     def run_curve(self, variant: Variant, marks: list[int]) -> list[dict[str, float]]:
         """Train one variant, returning its score at each of `marks` steps (the last one: the variant's steps)."""
-        _result, points, _per_task, _seconds = self.adapt(variant, None, marks)
-        for p in points:
-            self.log(f"{variant.label:>28s} @ {int(p['iterations'])}: normalized {p['normalized_average']:.4f} "
-                     f"({p['seconds']:.0f}s)")
+        pending = iter(sorted(marks))
+
+        def log_point(scored: dict[str, float]) -> None:  # as each point is scored: long runs are not silent
+            self.log(f"{variant.label:>28s} @ {next(pending, '?')}: normalized {scored['normalized_average']:.4f}")
+
+        _result, points, _per_task, _seconds = self.adapt(variant, None, marks, log_point)
         return points
 
     def run_variants(self, variants: list[Variant]) -> dict[str, VariantOutcome]:
