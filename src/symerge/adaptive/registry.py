@@ -41,6 +41,15 @@ class AdaptiveSpec:
         """The options a run uses: the regime's defaults for this method, overridden by the given options."""
         return {**self.regime_options.get(regime, {}), **options}
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """The method's value checks on the options given: a ValidationError naming the method and the option."""
+        for name, value in options.items():
+            if name in self.checks:
+                try:
+                    self.checks[name](value)
+                except (ValueError, TypeError) as err:
+                    raise ValidationError(f"{self.name} option '{name}': {err}") from None
+
     def trains_coefficients_only(self, options: Mapping[str, Any]) -> bool:
         """Whether a run with these options trains λ alone (SyMerge with `train_layer=False` does)."""
         if callable(self.coefficients_only):

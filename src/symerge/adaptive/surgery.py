@@ -23,8 +23,7 @@ from symerge.adaptive.experts import ExpertCache
 from symerge.batching import Inputs, encode_all
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.adaptive.objectives import LossTerm, l1_loss
-from symerge.adaptive.registry import positive, register_adaptive
-from symerge.errors import ValidationError
+from symerge.adaptive.registry import get_adaptive, positive, register_adaptive
 
 OFFICIAL_ADAPTER_LR = 1e-3  # Representation Surgery's official code: Adam, lr 1e-3
 
@@ -62,11 +61,7 @@ class Surgery(AdaptiveMethod):
 
     def __init__(self, merged: MergedEncoder, heads: dict[str, nn.Module], feature_dim: int | None = None,
                  rank: int = 16, adapter_lr: float | None = OFFICIAL_ADAPTER_LR, **kwargs: Any):
-        for name, value, check in (("rank", rank, positive), ("adapter_lr", adapter_lr, positive_or_none)):
-            try:
-                check(value)
-            except (ValueError, TypeError) as err:
-                raise ValidationError(f"surgery option '{name}': {err}") from None
+        get_adaptive("surgery").check_options({"rank": rank, "adapter_lr": adapter_lr})
         super().__init__(merged, heads, **kwargs)
         merged.lambdas.requires_grad_(False)
         self.rank = rank

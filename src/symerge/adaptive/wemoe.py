@@ -42,11 +42,10 @@ from symerge.adaptive.base import AdaptiveMethod
 from symerge.adaptive.experts import ExpertCache
 from symerge.adaptive.merged_encoder import MergedEncoder
 from symerge.adaptive.objectives import LossTerm, entropy_loss
-from symerge.adaptive.registry import register_adaptive
+from symerge.adaptive.registry import get_adaptive, register_adaptive
 from symerge.adaptive.wemoe_model import UnitTensors, WEMoEEncoder, build_wemoe, discover_units, explicit_units
 from symerge.batching import Inputs, call_module, num_samples, take
 from symerge.devices import module_on
-from symerge.errors import ValidationError
 from symerge.result import MergeResult
 
 TIMED_SAMPLES = 16  # at most this many samples of the first task time the inference cost (3 runs each way)
@@ -78,14 +77,6 @@ def unit_paths(value: Any) -> None:
 
 CHECKS: dict[str, Callable[[Any], None]] = {"init_lambda": finite_number, "router_hidden_layers": router_depth,
                                             "units": unit_paths}
-
-
-def check_options(options: Mapping[str, Any]) -> None:
-    for name, value in options.items():
-        try:
-            CHECKS[name](value)
-        except ValueError as err:
-            raise ValidationError(f"wemoe option '{name}': {err}") from None
 
 
 # --- building -------------------------------------------------------------------------------------------------------
@@ -151,7 +142,8 @@ class WEMoE(AdaptiveMethod):
         units: list[str] | None = None,
         **kwargs: Any,
     ):
-        check_options({"init_lambda": init_lambda, "router_hidden_layers": router_hidden_layers, "units": units})
+        get_adaptive("wemoe").check_options({"init_lambda": init_lambda, "router_hidden_layers": router_hidden_layers,
+                                             "units": units})
         super().__init__(merged, heads, **kwargs)
         merged.lambdas.requires_grad_(False)
         self.options = {"init_lambda": float(init_lambda), "router_hidden_layers": int(router_hidden_layers),

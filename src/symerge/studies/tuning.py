@@ -93,14 +93,13 @@ def variants(method: str, lrs: list[float], grid: Mapping[str, list[Any]], train
 
 def check_grid(method: str, grid: Mapping[str, list[Any]]) -> None:
     """Every grid value through the method's own option checks, before any training."""
-    checks = get_adaptive(method).checks
+    spec = get_adaptive(method)
     for name, values in grid.items():
         for value in values:
-            if name in checks:
-                try:
-                    checks[name](value)
-                except ValueError as err:
-                    raise ValidationError(f"study option 'grid': {method} option '{name}': {err}") from None
+            try:
+                spec.check_options({name: value})
+            except ValidationError as err:
+                raise ValidationError(f"study option 'grid': {err}") from None
 
 
 def curve_table(rows: Mapping[str, list[dict[str, float]]], marks: list[int], baseline: float) -> str:
