@@ -135,13 +135,8 @@ class StudyContext:
 
     def variant_settings(self, variant: Variant, curve: list[int]) -> AdaptSettings:
         """The suite's settings with the variant's trainer overrides and method options layered on its method."""
-        return self.settings.model_copy(update={
-            "per_method": {**self.settings.per_method, variant.method: {
-                **self.settings.per_method.get(variant.method, {}), **variant.trainer}},
-            "method_options": {**self.settings.method_options, variant.method: {
-                **self.settings.method_options.get(variant.method, {}), **variant.options}},
-            "curve": list(curve),
-        })
+        overridden = self.settings.overriding(variant.method, variant.trainer, variant.options)
+        return overridden.model_copy(update={"curve": list(curve)})
 
     def adapt(self, variant: Variant, cache: ExpertCache | None, curve: list[int],
               on_point: Callable[[dict[str, float]], None] | None = None) -> tuple[

@@ -85,6 +85,15 @@ class AdaptSettings(TrainerConfig):
             return {**SUITE_TRAINER_DEFAULTS, **data}
         return data
 
+    def overriding(self, method: str, trainer: Mapping[str, Any] | None = None,
+                   options: Mapping[str, Any] | None = None) -> "AdaptSettings":
+        """A copy in which `method` runs with these TrainerConfig overrides and method options on top of its own."""
+        return self.model_copy(update={
+            "per_method": {**self.per_method, method: {**self.per_method.get(method, {}), **(trainer or {})}},
+            "method_options": {**self.method_options, method: {**self.method_options.get(method, {}),
+                                                               **(options or {})}},
+        })
+
     def trainer_config(self, method: str, progress: bool) -> TrainerConfig:
         base = self.model_dump(include=set(TrainerConfig.model_fields), exclude_unset=False)
         return TrainerConfig(**{**base, "progress": progress, **self.per_method.get(method, {})})
@@ -164,16 +173,13 @@ def row_settings(name: str, settings: AdaptSettings, outcomes: Mapping[str, Meth
     if name not in ROW_VARIANTS:
         return settings
     variant = ROW_VARIANTS[name]
-    trainer = {**settings.per_method.get(variant.method, {}), **variant.trainer, **settings.per_method.get(name, {})}
-    options = {**settings.method_options.get(variant.method, {}), **variant.options,
-               **settings.method_options.get(name, {})}
+    options = {**variant.options, **settings.method_options.get(name, {})}
     if variant.lambdas_from is not None:
         source = outcomes[variant.lambdas_from].result
         if source.lambdas is None:
             raise ValidationError(f"method '{name}': the '{variant.lambdas_from}' row learned no λ to start from")
         options.update(init=source.lambdas, granularity=source.provenance["granularity"])
-    return settings.model_copy(update={"per_method": {**settings.per_method, variant.method: trainer},
-                                       "method_options": {**settings.method_options, variant.method: options}})
+    return settings.overriding(variant.method, {**variant.trainer, **settings.per_method.get(name, {})}, options)
 
 
 def run_order(methods: Sequence[str]) -> list[str]:
