@@ -17,8 +17,8 @@ Objective per task (`loss`, objectives.SELF_LABEL_LOSSES, paper Fig. C): "ce" to
 the paper's), "kl" to its soft prediction (`labels="soft"` is the older spelling), "js", "l1", "smooth_l1", "l2",
 "cosine", or AdaMerging's "entropy"; the relative confidence filter (`filter_rule`: "code", "paper", "none")
 selects the samples of every loss that reads the teacher. Its default follows the paper per regime: "code" in the
-vision regime, "none" in the NLP and dense regimes (`REGIME_OPTIONS`; a given `filter_rule` always wins). Regression / dense tasks always use L1 to the
-teacher output.
+vision regime, "none" in the NLP and dense regimes (`REGIME_OPTIONS`; a given `filter_rule` always wins).
+Regression / dense tasks always use L1 to the teacher output.
 """
 
 from __future__ import annotations

@@ -118,6 +118,6 @@ def ablation(ctx: StudyContext) -> StudyOutput:
         "ablation_layers.png": bars_figure({"average": averages(layers)},
                                            title="Which layer is task-specific (Table B)"),
     }
-    data = {"headline": headline, "block_lr": block_lr, "components": rows(components), "layers": rows(layers), "blocks": blocks,
-            "thirds": block_thirds(blocks), "lambda_sparsity": sparsity, "sparse_below": SPARSE_BELOW}
+    data = {"headline": headline, "block_lr": block_lr, "components": rows(components), "layers": rows(layers),
+            "blocks": blocks, "thirds": block_thirds(blocks), "lambda_sparsity": sparsity, "sparse_below": SPARSE_BELOW}
     return StudyOutput(data=data, markdown=markdown, figures=figures)

@@ -9,7 +9,6 @@ report.
 from __future__ import annotations
 
 import copy
-
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence

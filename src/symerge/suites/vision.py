@@ -26,8 +26,8 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, with_rows_after, ExpertJob, fine_tune_experts,
-                                 run_and_report)
+from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
+                                 run_and_report, with_rows_after)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
