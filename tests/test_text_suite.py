@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symerge.data.text_tasks import TextTask
+from symerge.data.text_corpus import TextTask
 from symerge.suites.runner import AdaptSettings
 from symerge.suites.text import TextSuiteConfig, run_text_suite
 

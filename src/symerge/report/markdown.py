@@ -106,7 +106,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     cfg = report.get("config", {})
     sections = [
         f"# symerge bench {report['suite']} — protocol `{report['protocol']}`, seed {report['seed']}",
-        "Accuracy (%) on the labeled test split; normalized = mean over tasks of method / individual expert. "
+        "Accuracy (%) on the labeled test split (Pearson r × 100 for a regression task); normalized = mean over tasks "
+        "of method / individual expert. "
         "ECE = expected calibration error (15 bins). Bold = best merged method by normalized average."
         if report["suite"] != "dense" else
         "Metrics on the labeled test scenes: mIoU and pixel accuracy (%), absolute and relative depth error, angular "

@@ -24,7 +24,7 @@ from torch import Tensor
 from symerge.adaptive.experts import ExpertCache
 from symerge.batching import Inputs, num_samples, take
 from symerge.errors import ValidationError
-from symerge.evaluation.metrics import mean, normalized
+from symerge.evaluation.metrics import mean, normalized, primary_of
 from symerge.result import MergeResult
 from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, expert_cache_for, primary_scores
 from symerge.taskvectors import TaskVectors
@@ -176,11 +176,6 @@ class StudyContext:
 
     def run_variants(self, variants: list[Variant]) -> dict[str, VariantOutcome]:
         return {v.label: self.run_variant(v) for v in variants}
-
-
-def primary_of(scorer: Callable[[Tensor, Tensor], Any]) -> Scorer:
-    """A TaskData scorer (returns a TaskScore) as a plain (outputs, labels) -> primary score function."""
-    return lambda outputs, labels: float(scorer(outputs, labels).primary)
 
 
 def positive_number(option: str) -> Callable[[Any], float]:

