@@ -82,7 +82,11 @@ class VisionSuiteConfig(ClassificationSuiteConfig):
     max_train: int = 1500
     n_val: int = 60
     image_size: int = 64
-    expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 150, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-2})
+    # The paper's regime (issue 17): the head trains at the encoder's lr from a random init, so the task knowledge
+    # sits in the encoder and the pretrained encoder with the experts' heads is near chance. A probe kept the experts
+    # as accurate as head lr 1e-2 did (emoji 78.5 vs 76.7 %, clipart 66.3 vs 66.0, fashion 83.8 vs 84.5); 3e-4 was
+    # not better (78.0 / 64.5 / 84.0).
+    expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 150, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-4})
     adapt: AdaptSettings = Field(default_factory=default_adapt)
     bn_reestimate: bool = Field(default=False, description="re-estimate BN statistics on the unlabeled adaptation "
                                                            "inputs after every merge")
@@ -92,7 +96,7 @@ class VisionSuiteConfig(ClassificationSuiteConfig):
     def quick_preset(cls, **overrides: Any) -> "VisionSuiteConfig":
         """A few-minute smoke run: 4 tasks, small splits, short training."""
         base = dict(tasks=list(QUICK_TASKS), max_test=100, max_adapt=100, max_train=300, n_val=30,
-                    expert={"steps": 40, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-2},
+                    expert={"steps": 40, "batch_size": 32, "lr": 1e-4, "head_lr": 1e-4},
                     adapt=default_adapt(steps=30, curve=(10, 30)),
                     cross_task_samples=50, bn_samples_per_task=50, quick=True)
         return cls(**{**base, **overrides})
