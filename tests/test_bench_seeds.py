@@ -76,3 +76,68 @@ def test_summary_keeps_methods_run_for_every_seed():
                1: {"methods": {"a": {"normalized_average": 0.5, "average": 0.5, "seconds": 1.0}}}}
     assert list(summarize_reports(reports)) == ["a"]
     assert summarize_reports({0: reports[0]})["a"]["normalized_average"]["std"] == 0.0
+
+
+def test_summarize_combines_seeds_run_as_separate_commands(tmp_path, monkeypatch, capsys):
+    """`symerge summarize DIR` over seed-N/ reports gives the summary one `--seeds` run would have written."""
+    import symerge.suites.text
+
+    monkeypatch.setattr(symerge.suites.text, "run_text_suite", fake_suite([]))
+    together = tmp_path / "together"
+    assert main(["bench", "text", "--quick", "--seeds", "0,1,2", "--out", str(together), "--no-progress"]) == 0
+    apart = tmp_path / "apart"
+    for seed in (2, 0, 1):  # any order, one command each
+        report = json.loads((together / f"seed-{seed}" / "report.json").read_text())
+        (apart / f"seed-{seed}").mkdir(parents=True)
+        (apart / f"seed-{seed}" / "report.json").write_text(json.dumps({**report, "seed": seed, "suite": "text",
+                                                                          "protocol": "held-out"}))
+    assert main(["summarize", str(apart)]) == 0
+    expected = json.loads((together / "summary.json").read_text())["methods"]
+    got = json.loads((apart / "summary.json").read_text())
+    assert got["seeds"] == [0, 1, 2] and got["methods"] == expected
+    assert "| symerge | 98.0 ± 1.0 |" in (apart / "summary.md").read_text()
+
+
+def test_summarize_refuses_mixed_or_mislabelled_reports(tmp_path, capsys):
+    def write(folder, seed, **fields):
+        (folder / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+        report = {"seed": seed, "suite": "text", "protocol": "held-out", "methods": {}, **fields}
+        (folder / f"seed-{seed}" / "report.json").write_text(json.dumps(report))
+
+    assert main(["summarize", str(tmp_path / "empty")]) == 2
+    assert "no seed-N/report.json" in capsys.readouterr().err
+    write(tmp_path / "mixed", 0)
+    write(tmp_path / "mixed", 1, protocol="transductive")
+    assert main(["summarize", str(tmp_path / "mixed")]) == 2
+    assert "protocol 'transductive' differs" in capsys.readouterr().err
+    write(tmp_path / "wrong", 0)
+    (tmp_path / "wrong" / "seed-3").mkdir()
+    (tmp_path / "wrong" / "seed-0" / "report.json").rename(tmp_path / "wrong" / "seed-3" / "report.json")
+    assert main(["summarize", str(tmp_path / "wrong")]) == 2
+    assert "for seed 0, not seed-3" in capsys.readouterr().err
+    assert not (tmp_path / "mixed" / "summary.json").exists()
+
+
+def test_presets_select_named_configurations_before_any_work(tmp_path, monkeypatch, capsys):
+    import symerge.suites.text
+    from symerge.suites.text import DEMO_METHODS, TextSuiteConfig
+
+    seen = []
+    monkeypatch.setattr(symerge.suites.text, "run_text_suite",
+                        lambda cfg, out, progress=True: seen.append(cfg) or {"methods": {}, "total_seconds": 0.0})
+    monkeypatch.setattr("symerge.report.markdown.methods_table", lambda report: "")
+    assert main(["bench", "text", "--preset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    demo = seen[-1]
+    assert demo.methods == DEMO_METHODS and demo.cross_task_samples == 100
+    assert demo.model_dump(exclude={"methods", "cross_task_samples"}) == TextSuiteConfig().model_dump(
+        exclude={"methods", "cross_task_samples"})  # the full suite's settings: its rows score the same
+    assert main(["bench", "text", "--preset", "demo", "--methods", "symerge", "--out", str(tmp_path / "d2"),
+                 "--no-progress"]) == 0
+    assert seen[-1].methods == ["symerge"]  # options given win over the preset's
+    assert main(["bench", "text", "--preset", "quick", "--out", str(tmp_path / "q"), "--no-progress"]) == 0
+    assert seen[-1].quick
+    assert main(["bench", "text", "--preset", "nope", "--out", str(tmp_path / "n"), "--no-progress"]) == 2
+    assert "unknown preset 'nope'; this suite has: quick, demo" in capsys.readouterr().err
+    assert main(["bench", "vision", "--preset", "demo", "--out", str(tmp_path / "v"), "--no-progress"]) == 2
+    assert main(["bench", "text", "--quick", "--preset", "demo", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert len(seen) == 3 and not (tmp_path / "n").exists()

@@ -27,16 +27,27 @@ def positive_int(value: str) -> int:
     return number
 
 
-def suite_config(config_cls: Any, quick: bool, overrides: dict[str, Any]) -> Any:
-    """The suite's config, or a SymergeError with one line per bad option (before any download or training)."""
+def suite_config(config_cls: Any, preset: str | None, overrides: dict[str, Any]) -> Any:
+    """The suite's config (its named `preset`, else the defaults) with `overrides`, or a SymergeError with one line per
+    bad option (before any download or training)."""
     import pydantic
 
+    presets = config_cls.presets()
+    if preset is not None and preset not in presets:
+        raise SymergeError(f"--preset: unknown preset '{preset}'; this suite has: {', '.join(presets)}")
     try:
-        return config_cls.quick_preset(**overrides) if quick else config_cls(**overrides)
+        return presets[preset](**overrides) if preset is not None else config_cls(**overrides)
     except pydantic.ValidationError as err:
         lines = [f"--{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
                  for e in err.errors()]
         raise SymergeError("; ".join(lines)) from None
+
+
+def bench_preset(args: argparse.Namespace) -> str | None:
+    """`--preset NAME`, with `--quick` short for `--preset quick`."""
+    if args.quick and args.preset not in (None, "quick"):
+        raise SymergeError(f"--quick and --preset {args.preset} contradict each other: give one")
+    return "quick" if args.quick else args.preset
 
 
 def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: Any, extra: dict[str, Any]) -> int:
@@ -59,7 +70,7 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
         overrides["methods"] = methods
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
-    cfg = suite_config(config_cls, args.quick, overrides)
+    cfg = suite_config(config_cls, bench_preset(args), overrides)
     out = Path(args.out or f"runs/{suite}-{time.strftime('%Y%m%d-%H%M%S')}")
     seeds = check_seeds(args.seeds) if args.seeds is not None else None
     # before any work: only ever replace a previous report (or multi-seed output)
@@ -174,7 +185,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"seed": seeds[0], "device": args.device}
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
-    cfg = suite_config(config_cls, args.quick, overrides)
+    cfg = suite_config(config_cls, "quick" if args.quick else None, overrides)
     out = Path(args.out or f"runs/study-{spec.name}-{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}")
     prepare_output_dir(out, args.overwrite, STUDY_FILES)  # before any work (run_study checks again)
     if args.threads:
@@ -186,6 +197,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         shown = f"{value['mean']:.4f} ± {value['std']:.4f}" if isinstance(value, dict) else f"{value:.4f}"
         print(f"{name:>48s}: {shown}")
     print(f"\nstudy: {out / 'study.md'}  ({record['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from symerge.suites.seeds import summarize_folder, summary_markdown
+
+    summary = summarize_folder(Path(args.folder))
+    print(summary_markdown(summary))
     return 0
 
 
@@ -221,6 +240,8 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     parser.add_argument("--methods", help="comma-separated method names, or 'all' (default: the suite's list)")
     parser.add_argument("--tasks", help=f"comma-separated task names (default: {default_tasks})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--preset", help="a named configuration of the suite (quick; text also demo: the main rows "
+                                         "only, as `make demo` runs)")
     seeding = parser.add_mutually_exclusive_group()
     seeding.add_argument("--seed", type=int, default=0)
     seeding.add_argument("--seeds", type=parse_seeds, default=None,
@@ -288,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_plan_command(sub)  # `symerge plan CONFIG`: memory estimate before loading anything
     methods = sub.add_parser("methods", help="list the registered merge methods")
     methods.set_defaults(func=cmd_methods)
+    summarize = sub.add_parser("summarize", help="mean ± std over the seed-N/ bench reports in a folder (seeds run as "
+                                                 "separate commands, e.g. side by side)")
+    summarize.add_argument("folder", help="folder holding seed-N/report.json; summary.json / summary.md go there")
+    summarize.set_defaults(func=cmd_summarize)
     return parser
 
 

@@ -32,6 +32,11 @@ class SuiteConfig(RunsOn):
     seed: int = 0
     quick: bool = False
 
+    @classmethod
+    def presets(cls) -> dict[str, Callable[..., Any]]:
+        """Named configurations `--preset NAME` selects (each takes the caller's overrides); `quick` in every suite."""
+        return {"quick": getattr(cls, "quick_preset")}
+
     def adapt_settings(self) -> AdaptSettings:
         """The suite's adaptation settings, run with the suite's seed, device and precision."""
         adapt: AdaptSettings = getattr(self, "adapt")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from symerge.atomic import atomic_directory
+from symerge.atomic import atomic_directory, atomic_file
 from symerge.errors import ValidationError
 
 SUMMARY_FILES = ("summary.json", "summary.md")  # what marks a dir as a multi-seed output `--overwrite` may replace
@@ -66,6 +66,15 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                       f"seeds ({summary['seconds']:.0f} s in all).", "", *lines, "", "Per seed:", "", *runs, ""])
 
 
+def seed_summary(suite: str, protocol: str, config: Mapping[str, Any], reports: Mapping[int, Mapping[str, Any]],
+                 seconds: float) -> dict[str, Any]:
+    """The summary of one report per seed (what summary.json holds)."""
+    seeds = list(reports)
+    return {"suite": suite, "protocol": protocol, "seeds": seeds, "config": dict(config),
+            "runs": {str(s): f"seed-{s}/report.json" for s in seeds}, "methods": summarize_reports(reports),
+            "seconds": seconds}
+
+
 def run_seeds(suite: str, cfg: Any, seeds: Sequence[int], out_dir: Path, run_suite: RunSuite, progress: bool = True,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the suite once per seed into `out_dir/seed-N`, then write the summary; returns it."""
@@ -77,9 +86,36 @@ def run_seeds(suite: str, cfg: Any, seeds: Sequence[int], out_dir: Path, run_sui
         for seed in seeds:
             log(f"{suite} suite, seed {seed}")
             reports[seed] = run_suite(cfg.model_copy(update={"seed": seed}), tmp / f"seed-{seed}", progress=progress)
-        summary = {"suite": suite, "protocol": cfg.protocol, "seeds": seeds, "config": cfg.model_dump(mode="json"),
-                   "runs": {str(s): f"seed-{s}/report.json" for s in seeds}, "methods": summarize_reports(reports),
-                   "seconds": time.perf_counter() - start}
+        summary = seed_summary(suite, cfg.protocol, cfg.model_dump(mode="json"), reports, time.perf_counter() - start)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "summary.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def summarize_folder(folder: Path) -> dict[str, Any]:
+    """Summarize the `seed-N/report.json` runs already in `folder` (seeds run as separate commands or on separate
+    machines) into its summary.json / summary.md; the reports must be one suite and protocol. Returns the summary."""
+    folder = Path(folder)
+    found = sorted(folder.glob("seed-*/report.json"), key=lambda p: p.parent.name)
+    if not found:
+        raise ValidationError(f"{folder}: no seed-N/report.json to summarize (each seed's report in its own seed-N/)")
+    reports: dict[int, dict[str, Any]] = {}
+    for path in found:
+        report = json.loads(path.read_text())
+        if f"seed-{report.get('seed')}" != path.parent.name:
+            raise ValidationError(f"{path}: the report is for seed {report.get('seed')}, not {path.parent.name}")
+        reports[int(report["seed"])] = report
+    first = next(iter(reports.values()))
+    for seed, report in reports.items():
+        for key in ("suite", "protocol"):
+            if report.get(key) != first.get(key):
+                raise ValidationError(f"{folder / f'seed-{seed}' / 'report.json'}: {key} '{report.get(key)}' differs "
+                                      f"from seed {first['seed']}'s '{first.get(key)}'")
+    reports = dict(sorted(reports.items()))
+    summary = seed_summary(first["suite"], first["protocol"], first.get("config", {}), reports,
+                           sum(float(r.get("total_seconds", 0.0)) for r in reports.values()))
+    with atomic_file(folder / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_file(folder / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(summary))
     return summary

@@ -28,6 +28,9 @@ from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_name
 # SyMerge runs unfiltered in the NLP regime as in the paper; the filtered row (its vision setting) beside it.
 TEXT_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"symerge": "symerge_filtered"})
 QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
+# `make demo` (`--preset demo`): the full suite's settings and numbers for the paper's main rows; the variant rows
+# (`adamerging_summed`, `symerge_filtered`, `task_arithmetic_val`, weight averaging) and WEMoE are left to the full run.
+DEMO_METHODS = ["pretrained", "individual", "task_arithmetic", "ties", "adamerging", "surgery", "symerge"]
 # Test-time baselines as their papers / official code run them, with the suite's iterations and batch (the paper gives
 # every test-time method the same samples):
 # - AdaMerging: the SyMerge paper's NLP rate 5e-4 (it runs every test-time method with its own settings per domain);
@@ -84,6 +87,16 @@ class TextSuiteConfig(ClassificationSuiteConfig):
                                                                         per_method=copy.deepcopy(TEXT_PER_METHOD),
                                                                         method_options=copy.deepcopy(
                                                                             TEXT_METHOD_OPTIONS)))
+
+    @classmethod
+    def presets(cls) -> dict[str, Callable[..., Any]]:
+        return {**super().presets(), "demo": cls.demo_preset}
+
+    @classmethod
+    def demo_preset(cls, **overrides: Any) -> "TextSuiteConfig":
+        """`make demo`: the default suite with its main rows only (`DEMO_METHODS`; each row scores as in the full
+        run) and a 100-sample cross-task matrix."""
+        return cls(**{"methods": list(DEMO_METHODS), "cross_task_samples": 100, **overrides})
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> "TextSuiteConfig":
