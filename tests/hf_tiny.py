@@ -178,3 +178,27 @@ def write_images(folder: Path, n: int, seed: int) -> Path:
         pixels = rng.integers(0, 256, size=(20 + i % 3, 18, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i}.png")
     return folder
+
+
+def word_bert_dir(path: Path, words: list[str], numbered: int, pairs: bool = False) -> Path:
+    """A random 2-layer BERT and a word-level tokenizer over `words` plus the tokens n0 … n{numbered-1}; with
+    `pairs`, the tokenizer encodes a pair as `[CLS] a [SEP] b [SEP]` with token types 0 / 1, as BERT's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"n{i}" for i in range(numbered)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra: dict[str, Any] = {}
+    if pairs:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        extra["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", **extra)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -12,6 +12,7 @@ import torch
 
 from symerge.batching import take
 from symerge.data.text_corpus import TextTask, build_pair_task, build_regression_task
+from hf_tiny import word_bert_dir
 from symerge.suites.runner import AdaptSettings
 from symerge.suites.text import TextSuiteConfig, text_benchmark, tokenized_task
 
@@ -20,23 +21,7 @@ WORDS = [f"w{i}" for i in range(60)]
 
 def tiny_pair_bert_dir(path: Path) -> Path:
     """A random 2-layer BERT and a word-level tokenizer that encodes pairs as `[CLS] a [SEP] b [SEP]`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"n{i}" for i in range(400)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # as BERT's
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return word_bert_dir(path, WORDS, 400, pairs=True)
 
 
 def fake_class_task(n: int = 160) -> TextTask:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from symerge.data.text_corpus import TextTask
+from hf_tiny import word_bert_dir
 from symerge.suites.runner import AdaptSettings
 from symerge.suites.text import TextSuiteConfig, run_text_suite
 
@@ -31,20 +32,7 @@ def synthetic_task(name: str, classes: int, seed: int, n: int = 160) -> TextTask
 
 
 def tiny_bert_dir(path: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"n{i}" for i in range(200)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return word_bert_dir(path, WORDS, 200, pairs=False)
 
 
 def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
