@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from symerge.data.text_corpus import TextTask
 from hf_tiny import word_bert_dir
