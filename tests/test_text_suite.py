@@ -63,6 +63,7 @@ def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
     cross = on_disk["cross_task"]
     assert len(cross["original"]) == 3 and len(cross["symerge"][0]) == 3
     assert "task_arithmetic" in on_disk["head_transfer"]
+    assert 0 < on_disk["diagnostics_seconds"] < on_disk["total_seconds"]
     for name in ("accuracy.png", "normalized.png", "cross_task.png", "lambda_symerge.png", "loss.png", "iterations.png"):
         assert (out / name).stat().st_size > 1000, name
     assert on_disk["methods"]["wemoe"]["inference_cost"]["router_params"] > 0

@@ -6,6 +6,7 @@ report extras; see `docs/architecture.md` ("how to add a suite").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,11 @@ def run_and_report(
 
     outcomes = run_methods(bench, cfg.methods, cfg.protocol, cfg.adapt_settings(), progress=progress, log=log,
                            post_merge=post_merge)
+    start = time.perf_counter()
     diagnostics = ({} if cross_task_samples is None else
                    run_diagnostics(bench, outcomes, cross_task_samples, cfg.device, progress))
+    if diagnostics:  # where a run's time goes (with each method's seconds and the experts')
+        diagnostics["diagnostics_seconds"] = time.perf_counter() - start
     drawn = figures(outcomes) if figures is not None else None
     report = build_report(suite, cfg.protocol, cfg.seed, bench, outcomes, diagnostics,
                           config=cfg.model_dump(mode="json"), extra=extra(outcomes), metrics_per_task=metrics_per_task)
