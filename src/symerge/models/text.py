@@ -48,9 +48,13 @@ def _has_pooler_arg(path: str | Path) -> bool:
     return AutoConfig.from_pretrained(str(path)).model_type in {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
 
 
-def tokenize(tokenizer: object, texts: Sequence[str], max_len: int) -> dict[str, Tensor]:
-    """Pad every text to `max_len` (batches are trimmed to their longest text later)."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+def tokenize(tokenizer: object, texts: Sequence[str], max_len: int,
+             second: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Pad every text to `max_len` (batches are trimmed to their longest text later); with `second`, each pair is read
+    as one sequence (`[CLS] a [SEP] b [SEP]`, token type ids 0 / 1), truncated longest text first."""
+    pair = () if second is None else (list(second),)
+    enc = tokenizer(list(texts), *pair, padding="max_length", truncation=True, max_length=max_len,
+                    return_tensors="pt")
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 

@@ -124,18 +124,6 @@ def task_kind(task: Any) -> str:
     return str(getattr(task, "kind", "classification"))
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], second: Sequence[str] | None, max_len: int) -> dict[str, Any]:
-    """Token inputs of single texts, or of pairs read as one sequence (`[CLS] a [SEP] b [SEP]`, token type ids 0 / 1),
-    truncated to `max_len` (longest text first) and padded to it."""
-    from symerge.models.text import tokenize
-
-    if second is None:
-        return tokenize(tokenizer, texts, max_len)
-    enc = tokenizer(list(texts), list(second), padding="max_length", truncation=True, max_length=max_len,
-                    return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-
-
 def split_part(split: Any, part: str, regression: bool) -> tuple[list[str], list[str] | None, torch.Tensor]:
     """One split's first texts, second texts (pair tasks) and truth: class indices, or float targets [n, 1]
     (the shape of a 1-output head, which the L1 losses of fine-tuning and adaptation compare against)."""
@@ -151,6 +139,7 @@ def tokenized_task(name: str, class_names: list[str], texts: Any, tokenizer: Any
     (class indices, or float targets [n, 1] for regression tasks)."""
     from symerge.data.text_tasks import split_task
     from symerge.evaluation.metrics import classification_score, regression_score
+    from symerge.models.text import tokenize
 
     regression = task_kind(texts) == "regression"
     n_train, n_adapt, n_test = split_sizes(len(texts.texts), cfg)
@@ -161,7 +150,7 @@ def tokenized_task(name: str, class_names: list[str], texts: Any, tokenizer: Any
     n_val = min(cfg.n_val, len(train_a) // 5)
     head = lambda xs: None if xs is None else xs[:n_val]  # noqa: E731
     tail = lambda xs: None if xs is None else xs[n_val:]  # noqa: E731
-    enc = lambda a, b: encode_texts(tokenizer, a, b, cfg.max_len)  # noqa: E731
+    enc = lambda a, b: tokenize(tokenizer, a, cfg.max_len, b)  # noqa: E731
     data = TaskData(
         name=name, class_names=list(class_names), adapt=enc(adapt_a, adapt_b), test=enc(test_a, test_b),
         test_labels=test_y, val=enc(head(train_a), head(train_b)), val_labels=train_y[:n_val],
@@ -194,8 +183,7 @@ def build_text_benchmark(
     def jobs() -> Iterator[ExpertJob]:
         for index, (task, kind) in enumerate(zip(tasks, kinds)):
             data, train = tokenized_task(task.name, task.class_names, task, tokenizer, cfg)
-            outputs = 1 if kind == "regression" else len(task.class_names)
-            head = linear_head(encoder.hidden_size, outputs, cfg.seed * 1000 + index)
+            head = linear_head(encoder.hidden_size, len(task.class_names), cfg.seed * 1000 + index)
             yield ExpertJob(data, head, train["inputs"], train["labels"], recipes[kind])
 
     # one recipe in the report unless the tasks mix kinds (then one per task, as the dense suite reports)
