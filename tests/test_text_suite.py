@@ -86,3 +86,44 @@ def test_text_suite_quick_on_real_minilm(tmp_path):
     assert methods["individual"]["average"] > 0.7
     assert methods["symerge"]["normalized_average"] > methods["task_arithmetic"]["normalized_average"]
     assert (tmp_path / "quick" / "report.md").exists()
+
+
+def test_experts_fine_tuned_in_two_worker_processes_equal_the_sequential_ones(tmp_path, monkeypatch):
+    """`expert_workers` 2 trains the uncached experts in 1-thread worker processes: same cache folders, same
+    tensors as training them one after another here, reported in the jobs' order."""
+    import torch
+
+    from symerge.suites.text import text_benchmark
+
+    model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
+    tasks = [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2), synthetic_task("gamma", 4, 3)]
+    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12,
+                          expert={"steps": 12, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2})
+    built = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / f"cache-{workers}"))
+        messages: list[str] = []
+        torch.set_num_threads(1)
+        bench, info = text_benchmark(cfg.model_copy(update={"expert_workers": workers}), model_dir, tasks,
+                                     progress=False, log=messages.append)
+        built[workers] = bench
+        assert bench.task_names == ["alpha", "beta", "gamma"]
+        assert not any(e["cached"] for e in info["experts"].values())
+        assert sum("worker process" in m for m in messages) == (3 if workers == 2 else 0)
+    folders = {w: sorted(p.name for p in (tmp_path / f"cache-{w}" / "experts" / "text").iterdir()) for w in (1, 2)}
+    assert folders[1] == folders[2] and len(folders[1]) == 3  # no temp dirs left behind
+    for task in ["alpha", "beta", "gamma"]:
+        for key, tensor in built[1].experts[task].items():
+            torch.testing.assert_close(built[2].experts[task][key], tensor, rtol=1e-5, atol=1e-6, msg=f"{task} {key}")
+        for key, tensor in built[1].heads[task].state_dict().items():
+            torch.testing.assert_close(built[2].heads[task].state_dict()[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_workers_on_a_gpu_are_refused_in_the_config(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the config can tell
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert TextSuiteConfig(device="cuda").expert_workers == 1
+    with pytest.raises(ValueError, match="expert_workers > 1 trains experts in CPU processes; on 'cuda'"):
+        TextSuiteConfig(device="cuda", expert_workers=2)

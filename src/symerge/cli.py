@@ -61,7 +61,7 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
     from symerge.suites.seeds import SUMMARY_FILES, check_seeds, run_seeds, summary_markdown
 
     overrides = {"protocol": args.protocol, "seed": args.seed, "device": args.device, "precision": args.precision,
-                 **extra}
+                 "expert_workers": args.expert_workers, **extra}
     methods = parse_methods(args.methods)
     if methods == ["all"]:
         methods = known_methods()
@@ -251,6 +251,9 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast dtype of adaptation (fp16: GPU only, with a GradScaler)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--expert-workers", type=positive_int, default=1,
+                        help="experts fine-tuned at once, each in its own 1-thread CPU process (default 1: one after "
+                        "another in this process)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=func)

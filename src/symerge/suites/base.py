@@ -6,18 +6,23 @@ report extras; see `docs/architecture.md` ("how to add a suite").
 
 from __future__ import annotations
 
+import multiprocessing
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from symerge.batching import Inputs
 from symerge.devices import RunsOn
-from symerge.suites.finetune import FinetuneConfig, cached_expert, hash_tensors
+from symerge.errors import ValidationError
+from symerge.suites.finetune import (Expert, FinetuneConfig, expert_folder, hash_tensors, load_cached_expert,
+                                      train_and_store_expert)
 from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, PostMerge
 from symerge.suites.tasks import TaskData, TaskPool
 
@@ -32,6 +37,15 @@ class SuiteConfig(RunsOn):
     protocol: Literal["held-out", "transductive"] = "held-out"
     seed: int = 0
     quick: bool = False
+    expert_workers: int = Field(default=1, ge=1, description="experts fine-tuned at once, each in its own 1-thread "
+                                "CPU process (two 1-thread processes outrun one 2-thread process on CPU)")
+
+    @model_validator(mode="after")
+    def workers_on_cpu(self) -> "SuiteConfig":
+        if self.expert_workers > 1 and self.device != "cpu":
+            raise ValueError(f"expert_workers > 1 trains experts in CPU processes; on '{self.device}' they train one "
+                             "after another: use expert_workers 1")
+        return self
 
     @classmethod
     def presets(cls) -> dict[str, Callable[..., Any]]:
@@ -79,28 +93,67 @@ class ExpertJob:
 
 def fine_tune_experts(
     encoder: nn.Module, jobs: Iterable[ExpertJob], cache_dir: Path, device: str, log: Callable[[str], None],
-    progress: bool, per_task_finetune: bool = False,
+    progress: bool, per_task_finetune: bool = False, workers: int = 1,
 ) -> tuple[Benchmark, dict[str, Any]]:
     """Fine-tune (or load cached, by content hash) one expert per job and assemble the Benchmark; `info` holds each
-    expert's seconds / cache hit and the fine-tuning recipe (one for all, or per task)."""
-    model_hash = hash_tensors(encoder.state_dict())
+    expert's seconds / cache hit and the fine-tuning recipe (one for all, or per task). `workers` > 1 (CPU only)
+    fine-tunes that many experts at once, each in its own 1-thread process."""
     datas: dict[str, TaskData] = {}
     heads: dict[str, nn.Module] = {}
     experts: dict[str, dict[str, Tensor]] = {}
     info: dict[str, Any] = {"experts": {}, "finetune": {}}
-    for job in jobs:  # a generator: one task's training data in memory at a time
-        name = job.data.name
-        expert = cached_expert(cache_dir, encoder, model_hash, job.head, job.inputs, job.labels, job.finetune, device,
-                               desc=f"expert {name}", progress=progress)
+    for data, recipe, expert in expert_results(encoder, jobs, cache_dir, device, log, progress, workers):
+        name = data.name
         log(f"expert {name}: {'cached' if expert.cached else f'fine-tuned in {expert.seconds:.0f}s'}")
-        datas[name], heads[name], experts[name] = job.data, expert.head, expert.encoder_state
+        datas[name], heads[name], experts[name] = data, expert.head, expert.encoder_state
         info["experts"][name] = {"seconds": expert.seconds, "cached": expert.cached}
         if per_task_finetune:
-            info["finetune"][name] = job.finetune.as_dict()
+            info["finetune"][name] = recipe.as_dict()
         else:
-            info["finetune"] = job.finetune.as_dict()
-        del job
+            info["finetune"] = recipe.as_dict()
     return Benchmark(encoder=encoder, heads=heads, experts=experts, tasks=TaskPool(datas)), info
+
+
+def expert_results(
+    encoder: nn.Module, jobs: Iterable[ExpertJob], cache_dir: Path, device: str, log: Callable[[str], None],
+    progress: bool, workers: int,
+) -> Iterator[tuple[TaskData, FinetuneConfig, Expert]]:
+    """Each job's (task data, recipe, expert), in the jobs' order. Cached experts load here; the others train here
+    (`workers` = 1) or in a pool of `workers` 1-thread processes, at most `workers` + 1 jobs' training data in
+    memory at once (the jobs are a generator: one task's data is built at a time)."""
+    model_hash = hash_tensors(encoder.state_dict())
+    if workers > 1 and device != "cpu":
+        raise ValidationError(f"expert workers > 1 train in CPU processes; on '{device}' experts train one after "
+                              "another (use 1 worker)")
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
+            else None)
+    in_flight: deque[tuple[TaskData, FinetuneConfig, Expert | Future[Expert]]] = deque()
+    try:
+        for job in jobs:
+            folder = expert_folder(cache_dir, model_hash, job.head, job.inputs, job.labels, job.finetune)
+            expert: Expert | Future[Expert] | None = load_cached_expert(folder, job.head)
+            if expert is None and pool is None:
+                expert = train_and_store_expert(folder, encoder, job.head, job.inputs, job.labels, job.finetune,
+                                                device, f"expert {job.data.name}", progress)
+            elif expert is None:
+                assert pool is not None
+                log(f"expert {job.data.name}: fine-tuning in a worker process")
+                expert = pool.submit(train_and_store_expert, folder, encoder, job.head, job.inputs, job.labels,
+                                     job.finetune, "cpu", f"expert {job.data.name}", False, 1)
+            in_flight.append((job.data, job.finetune, expert))
+            del job
+            while len(in_flight) > workers:
+                yield finished(in_flight.popleft())
+        while in_flight:
+            yield finished(in_flight.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def finished(entry: tuple[TaskData, FinetuneConfig, Expert | Future[Expert]]) -> tuple[TaskData, FinetuneConfig, Expert]:
+    data, recipe, expert = entry
+    return data, recipe, expert.result() if isinstance(expert, Future) else expert
 
 
 def run_and_report(

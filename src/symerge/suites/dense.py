@@ -142,7 +142,8 @@ def build_dense_benchmark(
                                   cfg.decoder_hidden)
             yield ExpertJob(dense_task_data(task, splits), decoder, splits["train"]["inputs"], splits["train"][task], ft)
 
-    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress, per_task_finetune=True)
+    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress, per_task_finetune=True,
+                             workers=cfg.expert_workers)
 
 
 # --- what the dense report adds ------------------------------------------------------------------------------------

@@ -143,18 +143,30 @@ def call(module: nn.Module, inputs: Inputs) -> Tensor:
     return module(inputs) if isinstance(inputs, Tensor) else module(**inputs)
 
 
-def cached_expert(
-    cache_dir: Path, encoder: nn.Module, model_hash: str, head: nn.Module, inputs: Inputs, labels: Tensor,
-    config: FinetuneConfig, device: str = "cpu", desc: str = "expert", progress: bool = True,
+def expert_folder(cache_dir: Path, model_hash: str, head: nn.Module, inputs: Inputs, labels: Tensor,
+                  config: FinetuneConfig) -> Path:
+    """Where the expert of this pretrained model, data, head shape and recipe is cached."""
+    return cache_dir / expert_key(model_hash, hash_inputs(inputs, labels), head_signature(head), config)
+
+
+def load_cached_expert(folder: Path, head: nn.Module) -> Expert | None:
+    """The expert stored in `folder` (`head` gives the module to load its head into), or None if none is."""
+    if not (folder / "done.json").exists():
+        return None
+    new_head = copy.deepcopy(head)
+    new_head.load_state_dict(load_file(str(folder / "head.safetensors")))
+    meta = json.loads((folder / "done.json").read_text())
+    return Expert(load_file(str(folder / "encoder.safetensors")), new_head.eval(), float(meta["seconds"]), True)
+
+
+def train_and_store_expert(
+    folder: Path, encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor, config: FinetuneConfig,
+    device: str = "cpu", desc: str = "expert", progress: bool = True, threads: int | None = None,
 ) -> Expert:
-    """Load the expert from `cache_dir` if its key matches, else fine-tune and store it atomically."""
-    key = expert_key(model_hash, hash_inputs(inputs, labels), head_signature(head), config)
-    folder = cache_dir / key
-    if (folder / "done.json").exists():
-        new_head = copy.deepcopy(head)
-        new_head.load_state_dict(load_file(str(folder / "head.safetensors")))
-        meta = json.loads((folder / "done.json").read_text())
-        return Expert(load_file(str(folder / "encoder.safetensors")), new_head.eval(), float(meta["seconds"]), True)
+    """Fine-tune and store the expert atomically in `folder` (`threads`: torch threads of this process, set first,
+    as a worker process of a parallel fine-tuning does)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     enc, new_head = finetune(encoder, head, inputs, labels, config, device, desc, progress)
     seconds = time.perf_counter() - start
@@ -166,3 +178,15 @@ def cached_expert(
         save_file({k: v.contiguous() for k, v in new_head.state_dict().items()}, str(tmp / "head.safetensors"))
         (tmp / "done.json").write_text(json.dumps({"seconds": seconds, "config": config.as_dict()}))
     return Expert(state, new_head, seconds, False)
+
+
+def cached_expert(
+    cache_dir: Path, encoder: nn.Module, model_hash: str, head: nn.Module, inputs: Inputs, labels: Tensor,
+    config: FinetuneConfig, device: str = "cpu", desc: str = "expert", progress: bool = True,
+) -> Expert:
+    """Load the expert from `cache_dir` if its key matches, else fine-tune and store it atomically."""
+    folder = expert_folder(cache_dir, model_hash, head, inputs, labels, config)
+    cached = load_cached_expert(folder, head)
+    if cached is not None:
+        return cached
+    return train_and_store_expert(folder, encoder, head, inputs, labels, config, device, desc, progress)

@@ -188,7 +188,7 @@ def build_text_benchmark(
 
     # one recipe in the report unless the tasks mix kinds (then one per task, as the dense suite reports)
     return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress,
-                             per_task_finetune=len(set(kinds)) > 1)
+                             per_task_finetune=len(set(kinds)) > 1, workers=cfg.expert_workers)
 
 
 def load_default_tasks(names: Sequence[str]) -> list[Any]:

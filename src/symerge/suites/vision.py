@@ -167,7 +167,7 @@ def build_vision_benchmark(
             head = linear_head(dim, len(task.class_names), cfg.seed * 1000 + index)
             yield ExpertJob(data, head, train["inputs"], train["labels"], ft)
 
-    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress)
+    return fine_tune_experts(encoder, jobs(), cache_dir, cfg.device, log, progress, workers=cfg.expert_workers)
 
 
 # --- BatchNorm statistics after a merge (option) ---------------------------------------------------------------------
