@@ -141,3 +141,25 @@ def test_presets_select_named_configurations_before_any_work(tmp_path, monkeypat
     assert main(["bench", "vision", "--preset", "demo", "--out", str(tmp_path / "v"), "--no-progress"]) == 2
     assert main(["bench", "text", "--quick", "--preset", "demo", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert len(seen) == 3 and not (tmp_path / "n").exists()
+
+
+def test_summary_says_how_far_the_best_merged_method_leads_each_other_one():
+    """Hand-computed: leader c (means .95 vs b .90 / a .80); pretrained and individual are not merged methods."""
+    from symerge.suites.seeds import leader_margins, seed_summary, summary_markdown
+
+    norms = {"individual": [1.0, 1.0, 1.0], "pretrained": [0.99, 0.99, 0.99], "a": [0.8, 0.7, 0.9],
+             "b": [0.89, 0.90, 0.91], "c": [0.94, 0.95, 0.96]}
+    reports = {seed: {"methods": {m: {"normalized_average": v[i], "average": v[i], "seconds": 1.0}
+                                  for m, v in norms.items()}} for i, seed in enumerate([0, 1, 2])}
+    margins = leader_margins(summarize_reports(reports))
+    assert margins["leader"] == "c" and set(margins["over"]) == {"a", "b"}
+    b = margins["over"]["b"]
+    assert b["gap"] == pytest.approx(0.05)
+    assert b["gap_in_std"] == pytest.approx(0.05 / 0.01)  # both stds 0.01
+    assert b["paired_mean"] == pytest.approx(0.05) and b["paired_std"] == pytest.approx(0.0, abs=1e-12)
+    a = margins["over"]["a"]
+    assert a["gap_in_std"] == pytest.approx(0.15 / 0.1)  # a's std 0.1 is the larger
+    assert a["paired_std"] == pytest.approx((0.0182 / 2) ** 0.5)  # differences .14 .25 .06 around .15
+    text = summary_markdown(seed_summary("text", "held-out", {}, reports, 1.0))
+    assert "How far c leads" in text and "| b | 5.00 | 5.0 | 5.00 ± 0.00 |" in text
+    assert leader_margins(summarize_reports({0: {"methods": {"a": reports[0]["methods"]["a"]}}})) == {}

@@ -127,3 +127,18 @@ def test_expert_workers_on_a_gpu_are_refused_in_the_config(monkeypatch):
     assert TextSuiteConfig(device="cuda").expert_workers == 1
     with pytest.raises(ValueError, match="expert_workers > 1 trains experts in CPU processes; on 'cuda'"):
         TextSuiteConfig(device="cuda", expert_workers=2)
+
+
+def test_a_failing_worker_names_its_task_and_leaves_no_half_written_expert(tmp_path, monkeypatch):
+    from symerge.suites.text import text_benchmark
+
+    monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
+    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12, expert_workers=2,
+                          expert={"steps": 2, "batch_size": 16, "loss": "hinge"})
+    with pytest.raises(RuntimeError, match="expert alpha: fine-tuning in a worker process failed: ValueError: "
+                                           "fine-tuning loss must be one of"):
+        text_benchmark(cfg, model_dir, [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2)],
+                       progress=False, log=lambda _: None)
+    experts = tmp_path / "cache" / "experts" / "text"
+    assert not experts.exists() or not any(experts.iterdir())

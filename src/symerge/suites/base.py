@@ -152,8 +152,15 @@ def expert_results(
 
 
 def finished(entry: tuple[TaskData, FinetuneConfig, Expert | Future[Expert]]) -> tuple[TaskData, FinetuneConfig, Expert]:
+    """The entry with its expert (a worker's result waited for; its failure names the task)."""
     data, recipe, expert = entry
-    return data, recipe, expert.result() if isinstance(expert, Future) else expert
+    if not isinstance(expert, Future):
+        return data, recipe, expert
+    try:
+        return data, recipe, expert.result()
+    except Exception as error:
+        raise RuntimeError(f"expert {data.name}: fine-tuning in a worker process failed: "
+                           f"{type(error).__name__}: {error}") from error
 
 
 def run_and_report(

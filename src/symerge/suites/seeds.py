@@ -19,6 +19,7 @@ from typing import Any
 
 from symerge.atomic import atomic_directory, atomic_file
 from symerge.errors import ValidationError
+from symerge.suites.runner import MERGED_BASELINES_EXCLUDED
 
 SUMMARY_FILES = ("summary.json", "summary.md")  # what marks a dir as a multi-seed output `--overwrite` may replace
 RunSuite = Callable[..., dict[str, Any]]  # run_<suite>_suite(cfg, out_dir, progress=...) -> report
@@ -51,6 +52,40 @@ def summarize_reports(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, dic
                      for field in ("normalized_average", "average", "seconds")} for method in methods}
 
 
+def leader_margins(methods: Mapping[str, Mapping[str, Any]], excluded: Sequence[str] = MERGED_BASELINES_EXCLUDED,
+                   ) -> dict[str, Any]:
+    """How far the merged method with the best mean normalized score leads each other merged method: the gap of
+    the means, that gap in units of the larger of the two methods' seed std, and the per-seed (paired) difference's
+    mean ± std. Empty with fewer than two merged methods."""
+    merged = {m: s["normalized_average"] for m, s in methods.items() if m not in excluded}
+    if len(merged) < 2:
+        return {}
+    leader = max(merged, key=lambda m: merged[m]["mean"])
+    top = merged[leader]
+    rows = {}
+    for method, other in merged.items():
+        if method == leader:
+            continue
+        gap = top["mean"] - other["mean"]
+        spread = max(top["std"], other["std"])
+        paired = seed_statistics({seed: top["values"][seed] - other["values"][seed] for seed in top["values"]})
+        rows[method] = {"gap": gap, "gap_in_std": gap / spread if spread > 0 else None,
+                        "paired_mean": paired["mean"], "paired_std": paired["std"]}
+    return {"leader": leader, "over": rows}
+
+
+def margins_markdown(margins: Mapping[str, Any]) -> list[str]:
+    if not margins:
+        return []
+    lines = [f"## How far {margins['leader']} leads (normalized, points)", "",
+             "| over | gap of means | gap / larger std | per-seed difference mean ± std |", "|---|---|---|---|"]
+    for method, row in sorted(margins["over"].items(), key=lambda item: item[1]["gap"]):
+        in_std = "—" if row["gap_in_std"] is None else f"{row['gap_in_std']:.1f}"
+        lines.append(f"| {method} | {100 * row['gap']:.2f} | {in_std} | "
+                     f"{100 * row['paired_mean']:.2f} ± {100 * row['paired_std']:.2f} |")
+    return ["", *lines]
+
+
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     seeds = summary["seeds"]
     lines = ["| method | normalized (%) mean ± std | average (%) mean ± std | "
@@ -63,16 +98,18 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     runs = [f"- seed {s}: [seed-{s}/report.md](seed-{s}/report.md)" for s in seeds]
     return "\n".join([f"# symerge bench {summary['suite']}: {len(seeds)} seeds", "",
                       f"Protocol {summary['protocol']}; seeds {', '.join(map(str, seeds))}; mean ± sample std over "
-                      f"seeds ({summary['seconds']:.0f} s in all).", "", *lines, "", "Per seed:", "", *runs, ""])
+                      f"seeds ({summary['seconds']:.0f} s in all).", "", *lines,
+                      *margins_markdown(summary.get("margins", {})), "", "Per seed:", "", *runs, ""])
 
 
 def seed_summary(suite: str, protocol: str, config: Mapping[str, Any], reports: Mapping[int, Mapping[str, Any]],
                  seconds: float) -> dict[str, Any]:
     """The summary of one report per seed (what summary.json holds)."""
     seeds = list(reports)
+    methods = summarize_reports(reports)
     return {"suite": suite, "protocol": protocol, "seeds": seeds, "config": dict(config),
-            "runs": {str(s): f"seed-{s}/report.json" for s in seeds}, "methods": summarize_reports(reports),
-            "seconds": seconds}
+            "runs": {str(s): f"seed-{s}/report.json" for s in seeds}, "methods": methods,
+            "margins": leader_margins(methods), "seconds": seconds}
 
 
 def run_seeds(suite: str, cfg: Any, seeds: Sequence[int], out_dir: Path, run_suite: RunSuite, progress: bool = True,
