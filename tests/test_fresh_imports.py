@@ -77,3 +77,15 @@ def test_every_entry_point_imports_in_a_fresh_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     failures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not failures, "\n".join(f"{name}: {why}" for name, why in failures.items())
+
+
+def test_the_cli_writes_each_log_line_at_once_into_a_file_or_pipe():
+    """A bench's progress lines ("expert X: fine-tuned in 95s") must reach a redirected log as they happen, not when
+    an 8-kB buffer fills minutes later."""
+    import subprocess
+    import sys
+
+    code = ("import io, sys; from symerge.cli import main; main(['methods']); "
+            "sys.stderr.write(str(sys.stdout.line_buffering))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr.strip().endswith("True")
