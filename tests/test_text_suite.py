@@ -117,6 +117,14 @@ def test_experts_fine_tuned_in_two_worker_processes_equal_the_sequential_ones(tm
             torch.testing.assert_close(built[2].experts[task][key], tensor, rtol=1e-5, atol=1e-6, msg=f"{task} {key}")
         for key, tensor in built[1].heads[task].state_dict().items():
             torch.testing.assert_close(built[2].heads[task].state_dict()[key], tensor, rtol=1e-5, atol=1e-6)
+    # cached and new experts mixed: the cached load here, the new one trains in a worker, the order stays the jobs'
+    messages = []
+    bench, info = text_benchmark(cfg.model_copy(update={"expert_workers": 2}), model_dir,
+                                 [tasks[0], synthetic_task("delta", 2, 4), *tasks[1:]], progress=False,
+                                 log=messages.append)
+    assert bench.task_names == ["alpha", "delta", "beta", "gamma"]
+    assert [info["experts"][t]["cached"] for t in bench.task_names] == [True, False, True, True]
+    assert [m for m in messages if "worker process" in m] == ["expert delta: fine-tuning in a worker process"]
 
 
 def test_expert_workers_on_a_gpu_are_refused_in_the_config(monkeypatch):

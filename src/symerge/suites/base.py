@@ -119,8 +119,8 @@ def expert_results(
     progress: bool, workers: int,
 ) -> Iterator[tuple[TaskData, FinetuneConfig, Expert]]:
     """Each job's (task data, recipe, expert), in the jobs' order. Cached experts load here; the others train here
-    (`workers` = 1) or in a pool of `workers` 1-thread processes, at most `workers` + 1 jobs' training data in
-    memory at once (the jobs are a generator: one task's data is built at a time)."""
+    (`workers` = 1) or in a pool of `workers` 1-thread processes, at most `workers` + 1 uncached jobs' training data
+    in memory at once (the jobs are a generator: one task's data is built at a time)."""
     model_hash = hash_tensors(encoder.state_dict())
     if workers > 1 and device != "cpu":
         raise ValidationError(f"expert workers > 1 train in CPU processes; on '{device}' experts train one after "
@@ -142,7 +142,7 @@ def expert_results(
                                      job.finetune, "cpu", f"expert {job.data.name}", False, 1)
             in_flight.append((job.data, job.finetune, expert))
             del job
-            while len(in_flight) > workers:
+            while sum(isinstance(entry[2], Future) for entry in in_flight) > workers:  # bounds training data held
                 yield finished(in_flight.popleft())
         while in_flight:
             yield finished(in_flight.popleft())

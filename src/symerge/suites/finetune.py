@@ -178,15 +178,3 @@ def train_and_store_expert(
         save_file({k: v.contiguous() for k, v in new_head.state_dict().items()}, str(tmp / "head.safetensors"))
         (tmp / "done.json").write_text(json.dumps({"seconds": seconds, "config": config.as_dict()}))
     return Expert(state, new_head, seconds, False)
-
-
-def cached_expert(
-    cache_dir: Path, encoder: nn.Module, model_hash: str, head: nn.Module, inputs: Inputs, labels: Tensor,
-    config: FinetuneConfig, device: str = "cpu", desc: str = "expert", progress: bool = True,
-) -> Expert:
-    """Load the expert from `cache_dir` if its key matches, else fine-tune and store it atomically."""
-    folder = expert_folder(cache_dir, model_hash, head, inputs, labels, config)
-    cached = load_cached_expert(folder, head)
-    if cached is not None:
-        return cached
-    return train_and_store_expert(folder, encoder, head, inputs, labels, config, device, desc, progress)
