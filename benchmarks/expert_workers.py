@@ -4,7 +4,8 @@ Fine-tunes the same experts of the text suite (packaged MiniLM-L6, the first `--
 recipe at `--steps` steps) three ways, each into a fresh empty cache, and prints the wall seconds and the speed-up
 against one 2-thread process, measured in one run. Figures, not asserts; run it on an otherwise idle machine.
 
-    python benchmarks/expert_workers.py [--tasks 4] [--steps 40] [--out docs/benchmarks/expert_workers.jsonl]
+    python benchmarks/expert_workers.py [--tasks 4] [--steps 40] [--skip-one-thread]
+                                        [--out docs/benchmarks/expert_workers.jsonl]
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default=None, help="append the figures as one JSON line to this file")
+    parser.add_argument("--skip-one-thread", action="store_true", help="leave out the 1-process, 1-thread way")
     parser.add_argument("--one", nargs=2, type=int, metavar=("WORKERS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child: one way, in a fresh process, into the SYMERGE_CACHE it was given
         print(json.dumps({"seconds": fine_tune(args.tasks, args.steps, *args.one)}))
         return
     seconds = {}
-    for name, (workers, threads) in WAYS.items():
+    ways = {n: w for n, w in WAYS.items() if not (args.skip_one_thread and n == "1 process, 1 thread")}
+    for name, (workers, threads) in ways.items():
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "SYMERGE_CACHE": cache, "OMP_NUM_THREADS": str(threads)}
             # the packaged model is read from the user's cache, not downloaded again

@@ -38,7 +38,8 @@ class SuiteConfig(RunsOn):
     seed: int = 0
     quick: bool = False
     expert_workers: int = Field(default=1, ge=1, description="experts fine-tuned at once, each in its own 1-thread "
-                                "CPU process (two 1-thread processes outrun one 2-thread process on CPU)")
+                                "CPU process (benchmarks/expert_workers.py measures it against one multi-thread "
+                                "process)")
 
     @model_validator(mode="after")
     def workers_on_cpu(self) -> "SuiteConfig":
