@@ -108,6 +108,8 @@ def test_experts_fine_tuned_in_two_worker_processes_equal_the_sequential_ones(tm
                                      progress=False, log=messages.append)
         built[workers] = bench
         assert bench.task_names == ["alpha", "beta", "gamma"]
+        # a fresh expert's head is like a loaded one: no gradients of its last training step left on it
+        assert all(p.grad is None for head in bench.heads.values() for p in head.parameters())
         assert not any(e["cached"] for e in info["experts"].values())
         assert sum("worker process" in m for m in messages) == (3 if workers == 2 else 0)
     folders = {w: sorted(p.name for p in (tmp_path / f"cache-{w}" / "experts" / "text").iterdir()) for w in (1, 2)}
@@ -150,3 +152,29 @@ def test_a_failing_worker_names_its_task_and_leaves_no_half_written_expert(tmp_p
                        progress=False, log=lambda _: None)
     experts = tmp_path / "cache" / "experts" / "text"
     assert not experts.exists() or not any(experts.iterdir())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_expert_is_reported_as_soon_as_it_is_ready(tmp_path, monkeypatch, workers):
+    """The log says 'expert X: fine-tuned' before the next tasks' jobs are made (not all at the end), in order."""
+    import symerge.suites.text as text_suite
+
+    monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / "cache"))
+    messages: list[str] = []
+    made = text_suite.tokenized_task
+
+    def logged(name, *args, **kwargs):
+        messages.append(f"made {name}")
+        return made(name, *args, **kwargs)
+
+    monkeypatch.setattr(text_suite, "tokenized_task", logged)
+    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12, expert_workers=workers,
+                          expert={"steps": 2, "batch_size": 16})
+    tasks = [synthetic_task(n, 2, i) for i, n in enumerate(["a", "b", "c", "d"])]
+    text_suite.text_benchmark(cfg, tiny_bert_dir(tmp_path / "tiny-bert"), tasks, progress=False,
+                              log=messages.append)
+    events = [m.split(":")[0] for m in messages if m.startswith("made") or "fine-tuned in" in m]
+    if workers == 1:  # one after another: each reported before the next job is made
+        assert events == ["made a", "expert a", "made b", "expert b", "made c", "expert c", "made d", "expert d"]
+    else:  # at most workers + 1 submitted before the first is reported
+        assert events[:4] == ["made a", "made b", "made c", "expert a"] and events[-1] == "expert d"

@@ -143,7 +143,9 @@ def expert_results(
                                      job.finetune, "cpu", f"expert {job.data.name}", False, 1)
             in_flight.append((job.data, job.finetune, expert))
             del job
-            while sum(isinstance(entry[2], Future) for entry in in_flight) > workers:  # bounds training data held
+            # report what is ready at the head at once; wait for the oldest worker while more than `workers` run
+            while in_flight and (not isinstance(in_flight[0][2], Future)
+                                 or sum(isinstance(entry[2], Future) for entry in in_flight) > workers):
                 yield finished(in_flight.popleft())
         while in_flight:
             yield finished(in_flight.popleft())

@@ -129,6 +129,7 @@ def finetune(encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    optimizer.zero_grad(set_to_none=True)  # the expert leaves like a loaded one: no last step's gradients on it
     return model_enc.eval(), model_head.eval()
 
 
