@@ -52,13 +52,14 @@ def main() -> None:
     if args.one:  # a child: one way, in a fresh process, into the SYMERGE_CACHE it was given
         print(json.dumps({"seconds": fine_tune(args.tasks, args.steps, *args.one)}))
         return
+    from symerge.data.fetch import cache_root
+
+    model_cache = cache_root() / "pypi"  # the packaged model is read from the user's cache, not downloaded again
     seconds = {}
     ways = {n: w for n, w in WAYS.items() if not (args.skip_one_thread and n == "1 process, 1 thread")}
     for name, (workers, threads) in ways.items():
         with tempfile.TemporaryDirectory() as cache:
             env = {**os.environ, "SYMERGE_CACHE": cache, "OMP_NUM_THREADS": str(threads)}
-            # the packaged model is read from the user's cache, not downloaded again
-            model_cache = Path(os.environ.get("SYMERGE_CACHE", Path.home() / ".cache" / "symerge")) / "pypi"
             if model_cache.is_dir():
                 os.symlink(model_cache, Path(cache) / "pypi")
             out = subprocess.run([sys.executable, __file__, "--tasks", str(args.tasks), "--steps", str(args.steps),

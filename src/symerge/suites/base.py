@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
@@ -27,6 +28,15 @@ from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, PostM
 from symerge.suites.tasks import TaskData, TaskPool
 
 Figures = Mapping[str, tuple[str, Callable[[Path], None]]]
+
+
+def expert_workers_problem(workers: int, device: str) -> str | None:
+    """Why `workers` expert processes cannot run for `device` (None if they can): the config's check and
+    `fine_tune_experts`' own, for callers that skip the config."""
+    if workers > 1 and device != "cpu":
+        return (f"expert_workers > 1 trains experts in CPU processes; on '{device}' they train one after another: "
+                "use expert_workers 1")
+    return None
 
 
 class SuiteConfig(RunsOn):
@@ -43,9 +53,9 @@ class SuiteConfig(RunsOn):
 
     @model_validator(mode="after")
     def workers_on_cpu(self) -> "SuiteConfig":
-        if self.expert_workers > 1 and self.device != "cpu":
-            raise ValueError(f"expert_workers > 1 trains experts in CPU processes; on '{self.device}' they train one "
-                             "after another: use expert_workers 1")
+        problem = expert_workers_problem(self.expert_workers, self.device)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @classmethod
@@ -122,12 +132,13 @@ def expert_results(
     """Each job's (task data, recipe, expert), in the jobs' order. Cached experts load here; the others train here
     (`workers` = 1) or in a pool of `workers` 1-thread processes, at most `workers` + 1 uncached jobs' training data
     in memory at once (the jobs are a generator: one task's data is built at a time)."""
+    problem = expert_workers_problem(workers, device)
+    if problem is not None:
+        raise ValidationError(problem)
     model_hash = hash_tensors(encoder.state_dict())
-    if workers > 1 and device != "cpu":
-        raise ValidationError(f"expert workers > 1 train in CPU processes; on '{device}' experts train one after "
-                              "another (use 1 worker)")
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
-            else None)
+    # each worker process trains with 1 torch thread (set once, when the process starts)
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None)
     in_flight: deque[tuple[TaskData, FinetuneConfig, Expert | Future[Expert]]] = deque()
     try:
         for job in jobs:
@@ -140,7 +151,7 @@ def expert_results(
                 assert pool is not None
                 log(f"expert {job.data.name}: fine-tuning in a worker process")
                 expert = pool.submit(train_and_store_expert, folder, encoder, job.head, job.inputs, job.labels,
-                                     job.finetune, "cpu", f"expert {job.data.name}", False, 1)
+                                     job.finetune, "cpu", f"expert {job.data.name}", False)
             in_flight.append((job.data, job.finetune, expert))
             del job
             # report what is ready at the head at once; wait for the oldest worker while more than `workers` run

@@ -162,12 +162,9 @@ def load_cached_expert(folder: Path, head: nn.Module) -> Expert | None:
 
 def train_and_store_expert(
     folder: Path, encoder: nn.Module, head: nn.Module, inputs: Inputs, labels: Tensor, config: FinetuneConfig,
-    device: str = "cpu", desc: str = "expert", progress: bool = True, threads: int | None = None,
+    device: str = "cpu", desc: str = "expert", progress: bool = True,
 ) -> Expert:
-    """Fine-tune and store the expert atomically in `folder` (`threads`: torch threads of this process, set first,
-    as a worker process of a parallel fine-tuning does)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """Fine-tune and store the expert atomically in `folder`."""
     start = time.perf_counter()
     enc, new_head = finetune(encoder, head, inputs, labels, config, device, desc, progress)
     seconds = time.perf_counter() - start
