@@ -85,3 +85,60 @@ def test_symerge_filter_follows_the_paper_per_regime(bench):
     assert row_settings("symerge_filtered", base, {}).method_options["symerge"] == {"filter_rule": "code"}
     assert row_settings("symerge_unfiltered", base, {}).method_options["symerge"] == {"filter_rule": "none"}
     assert row_settings("symerge", base, {}) is base
+
+
+@pytest.mark.parametrize("suite", ["text", "vision"])
+def test_suites_adapt_a_block_with_the_paper_head_row_beside_it(suite):
+    """The text and vision suites give SyMerge (and its filter-variant row) one encoder block as the task layer at
+    the block's lr; the symerge_head row runs the paper's classifier head at the head's lr, right after them."""
+    from symerge.suites.runner import row_settings
+    from symerge.suites.text import TextSuiteConfig
+    from symerge.suites.vision import VisionSuiteConfig
+
+    cfg = TextSuiteConfig() if suite == "text" else VisionSuiteConfig()
+    base = cfg.adapt_settings()
+    variant = "symerge_filtered" if suite == "text" else "symerge_unfiltered"
+    assert cfg.methods[cfg.methods.index("symerge"):][:3] == ["symerge", variant, "symerge_head"]
+
+    def trainer_and_layer(row: str) -> tuple[float, str]:
+        adapted = row_settings(row, base, {})
+        layer = adapted.method_options.get("symerge", {}).get("task_layer", "head")
+        return adapted.trainer_config("symerge", progress=False).layer_lr, layer
+
+    block_lr, block = trainer_and_layer("symerge")
+    assert block.startswith("block:") and block_lr < base.layer_lr
+    assert trainer_and_layer(variant) == (block_lr, block)
+    assert trainer_and_layer("symerge_head") == (base.layer_lr, "head")
+    from symerge.studies.runner import paper_head_settings  # the studies reproduce the paper's head
+
+    studied = paper_head_settings(base)
+    assert studied.method_options["symerge"]["task_layer"] == "head"
+    assert studied.trainer_config("symerge", progress=False).layer_lr == base.layer_lr
+
+
+def test_diagnostics_read_the_heads_of_the_symerge_row_that_trained_them(bench):
+    """With a block as SyMerge's task layer its heads are the experts' own: the cross-task matrix and head transfer
+    read the symerge_head row's learned heads instead, and name that row; with no head-trained row they are left out."""
+    import copy
+
+    from symerge.suites.diagnostics import run_diagnostics
+
+    base = settings().overriding("symerge", options={"task_layer": "block:layer2"})
+    outs = run_methods(bench, ["task_arithmetic", "symerge", "symerge_head"], "held-out", base, progress=False,
+                       log=lambda _: None)
+    assert outs["symerge"].result.task_overrides and not outs["symerge_head"].result.task_overrides
+    diagnostics = run_diagnostics(bench, outs, samples=16, device="cpu", progress=False)
+    cross = diagnostics["cross_task"]
+    assert cross["symerge_heads_from"] == "symerge_head"
+    learned = outs["symerge_head"].result.heads
+    swapped = copy.copy(outs)
+    swapped["symerge"] = outs["symerge_head"]  # the same heads under the name the diagnostics prefer
+    assert run_diagnostics(bench, swapped, samples=16, device="cpu", progress=False)["cross_task"]["symerge"] == \
+        cross["symerge"]
+    assert any(not torch.equal(learned[t].weight, bench.heads[t].weight) for t in learned)
+    assert cross["symerge"] != cross["original"]
+    assert "task_arithmetic" in diagnostics["head_transfer"]
+    without = run_diagnostics(bench, {k: v for k, v in outs.items() if k != "symerge_head"}, samples=16, device="cpu",
+                              progress=False)
+    assert "symerge" not in without["cross_task"] and "head_transfer" not in without
+    assert without["cross_task"]["symerge_heads_from"] is None

@@ -74,7 +74,9 @@ def cross_task_section(report: Mapping[str, Any]) -> str:
     for name in ("original", "symerge"):
         if name in cross:
             rows = [[tasks[i]] + [pct(v) for v in row] for i, row in enumerate(cross[name])]
-            parts.append(f"**{name} heads**\n\n" + table(["encoder \\ head"] + tasks, rows))
+            source = cross.get("symerge_heads_from")
+            origin = f" (learned by the `{source}` row)" if name == "symerge" and source not in (None, "symerge") else ""
+            parts.append(f"**{name} heads**{origin}\n\n" + table(["encoder \\ head"] + tasks, rows))
     return "\n\n".join(parts)
 
 

@@ -22,7 +22,7 @@ from symerge.atomic import atomic_directory, prepare_output_dir
 from symerge.errors import ValidationError
 from symerge.studies.base import StudyContext, StudyOutput, StudySpec, get_study
 from symerge.suites.base import SuiteConfig
-from symerge.suites.runner import Benchmark, primary_scores, static_result
+from symerge.suites.runner import AdaptSettings, Benchmark, primary_scores, row_settings, static_result
 from symerge.suites.seeds import check_seeds, seed_statistics
 
 STUDY_FILES = ("study.json", "study.md")  # what marks a dir as a study output that `--overwrite` may replace
@@ -188,6 +188,12 @@ def run_study(
     return summary
 
 
+def paper_head_settings(settings: AdaptSettings) -> AdaptSettings:
+    """The suite's settings with SyMerge on the classifier head, as the paper's figures run it (the suites' main
+    row adapts an encoder block; the studies reproduce the paper's head, and the ablation compares the two)."""
+    return row_settings("symerge_head", settings, {})
+
+
 def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, progress: bool,
                  log: Callable[[str], None], options: dict[str, Any], steps: int | None,
                  benchmark: Benchmark | None, build: Builder) -> dict[str, Any]:
@@ -198,7 +204,7 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
         bench, info = build(cfg, progress=progress, log=log)
     else:
         bench, info = benchmark, {"benchmark": "given"}
-    settings = cfg.adapt_settings()
+    settings = paper_head_settings(cfg.adapt_settings())
     if steps is not None:
         settings = settings.model_copy(update={"steps": steps})
     ctx = StudyContext(suite=suite, bench=bench, settings=settings, protocol=cfg.protocol, seed=cfg.seed,

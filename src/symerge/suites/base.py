@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +77,9 @@ CLASSIFICATION_METHODS = [
 ]
 
 
-def with_rows_after(methods: list[str], after: Mapping[str, str]) -> list[str]:
-    """`methods` with the row `after[m]` inserted right after each method m (a suite's extra variant rows)."""
-    return [row for name in methods for row in ([name, after[name]] if name in after else [name])]
+def with_rows_after(methods: list[str], after: Mapping[str, Sequence[str]]) -> list[str]:
+    """`methods` with the rows `after[m]` inserted right after each method m (a suite's extra variant rows)."""
+    return [row for name in methods for row in [name, *after.get(name, [])]]
 
 
 class ClassificationSuiteConfig(SuiteConfig):

@@ -33,7 +33,8 @@ from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_name
 
 # The paper's vision rows run Surgery from AdaMerging's λ ("Surgery w/ Ada": the TA-started row stays beside it) and
 # filter SyMerge's self-labels (its vision default): the unfiltered row beside it.
-VISION_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"surgery": "surgery_ada", "symerge": "symerge_unfiltered"})
+VISION_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"surgery": ["surgery_ada"],
+                                                          "symerge": ["symerge_unfiltered", "symerge_head"]})
 QUICK_TASKS = ["fashion_mnist", "animal_mnist", "digits", "emoji_category"]
 BN_FROZEN_NOTE = ("BatchNorm: running statistics were frozen (BN layers in eval mode) while fine-tuning the experts; "
                   "task vectors cover the convolutions and the BN affine parameters only.")
@@ -52,7 +53,15 @@ WEMOE = {"wemoe": {"lr": 1e-4, "update": "summed"}}
 # changing the features). `symerge study tuning --suite vision --option method=surgery` (docs/studies/vision/
 # surgery-tuning): adapter lr 1e-2 → 86.1 % normalized, 1e-3 → 87.2, 3e-4 → 90.1, 1e-4 → 86.9 (task arithmetic
 # 85.8); so 3e-4, for both Surgery rows.
-VISION_METHOD_OPTIONS = {"wemoe": {"batch_reduce": True}, "surgery": {"adapter_lr": 3e-4}}
+# SyMerge's one task-specific layer is MobileNetV2's `features.17` (the last inverted-residual block, 0.47 M weights
+# per task) at lr 1e-3; its classifier-head row at the suite's 1e-2. `symerge study tuning --suite vision --option
+# method=symerge` on seed 0 (docs/studies/vision/task-layer), normalized % at 50 / 100 / 200 iterations: features.17
+# 94.9 / 95.3 / 97.0, features.18 (the last 1×1 conv) 95.0 / 96.4 / 96.1, both 92.9 / 94.3 / 94.5, against the head's
+# 92.8 / 95.0 / 94.6; at block lr 1e-2 features.18 fell to 81.7 at 100.
+VISION_TASK_LAYER = "block:features.17"
+VISION_METHOD_OPTIONS = {"wemoe": {"batch_reduce": True}, "surgery": {"adapter_lr": 3e-4},
+                         "symerge": {"task_layer": VISION_TASK_LAYER}}
+SYMERGE_LAYER_LR = {"symerge": {"layer_lr": 1e-3}, "symerge_head": {"layer_lr": 1e-2}}
 
 
 def default_adapt(steps: int = 500, curve: Sequence[int] = (25, 50, 100, 200, 500)) -> AdaptSettings:
@@ -64,7 +73,7 @@ def default_adapt(steps: int = 500, curve: Sequence[int] = (25, 50, 100, 200, 50
     With the earlier, easier experts it had plateaued by 200 (96.2 / 96.1 / 95.4 % at 200 / 300 / 400).
     """
     return AdaptSettings(regime="vision", steps=steps, batch_size=32, lr=1e-2, layer_lr=1e-2, curve=list(curve),
-                         per_method=copy.deepcopy({**ADAMERGING_LR, **WEMOE}),
+                         per_method=copy.deepcopy({**ADAMERGING_LR, **WEMOE, **SYMERGE_LAYER_LR}),
                          method_options=copy.deepcopy(VISION_METHOD_OPTIONS))
 
 
