@@ -57,7 +57,7 @@ WEMOE = {"wemoe": {"lr": 1e-4, "update": "summed"}}
 # per task) at lr 1e-3; its classifier-head row at the suite's 1e-2. `symerge study tuning --suite vision --option
 # method=symerge` on seed 0 (docs/studies/vision/task-layer), normalized % at 50 / 100 / 200 iterations: features.17
 # 94.9 / 95.3 / 97.0, features.18 (the last 1×1 conv) 95.0 / 96.4 / 96.1, both 92.9 / 94.3 / 94.5, against the head's
-# 92.8 / 95.0 / 94.6; at block lr 1e-2 features.18 fell to 81.7 at 100.
+# 92.8 / 95.0 / 94.6 (the suite's seed-0 report, docs/vision/report-held-out.md).
 VISION_TASK_LAYER = "block:features.17"
 VISION_METHOD_OPTIONS = {"wemoe": {"batch_reduce": True}, "surgery": {"adapter_lr": 3e-4},
                          "symerge": {"task_layer": VISION_TASK_LAYER}}
