@@ -45,9 +45,10 @@ DEMO_METHODS = ["pretrained", "individual", "task_arithmetic", "ties", "adamergi
 #   1e-3 (the official code's) → 93.5.
 # SyMerge's one task-specific layer is MiniLM's 4th block (`body.encoder.layer.3`, 1.8 M weights per task) at lr
 # 1e-4, its classifier-head row at 1e-2. `symerge study ablation --option block_lr=1e-4` (docs/studies/text/
-# ablation-block-lr) had every block at or above the head, the 4th the best single one; on the suite's experts, seed 0,
-# 100 iterations (`symerge study tuning --option method=symerge`, docs/studies/text/task-layer): block 98.7 % normalized
-# against the head's 97.5 (the paper's Table B finds any block ≈ the classifier on ViT-B/32).
+# ablation-block-lr, earlier experts) had every block but the last above the head, the 4th the best single one; on
+# the suite's experts, seed 0, 100 iterations (`symerge study tuning --option method=symerge`, docs/studies/text/
+# task-layer): block 98.7 % normalized against the head's 97.5 (the paper's Table B finds any block ≈ the classifier
+# on ViT-B/32).
 TEXT_TASK_LAYER = "block:body.encoder.layer.3"
 TEXT_PER_METHOD: dict[str, dict[str, Any]] = {"adamerging": {"lr": 5e-4}, "wemoe": {"lr": 1e-4, "update": "summed"},
                                               "symerge": {"layer_lr": 1e-4}, "symerge_head": {"layer_lr": 1e-2}}
