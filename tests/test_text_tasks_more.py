@@ -14,6 +14,7 @@ import torch
 
 from symerge.data import text_corpus as tc
 from symerge.data import text_sources as ts
+from symerge.data import text_sources_extra as tx
 from symerge.data import text_tasks as tt
 from symerge.data.text_corpus import TextTask
 from symerge.data.text_tasks import split_task
@@ -108,7 +109,7 @@ def test_fortune_topics_skip_grab_bags_and_rank_by_distinct_items() -> None:
         "science": items("the universe is under no obligation to make sense", "science is organized knowledge",
                           "nature abhors a vacuum cleaner"),
     }
-    pairs = ts.fortune_topic_pairs(files, n_topics=2)
+    pairs = tx.fortune_topic_pairs(files, n_topics=2)
     assert Counter(label for label, _ in pairs) == {"people": 2, "science": 3}  # cookie is a grab bag; work has 1
 
 
@@ -117,7 +118,7 @@ def test_is_top_level_fortune(tmp_path: Path) -> None:
     (base / "de").mkdir(parents=True)
     for rel in ["people", "de/zitate", "people.dat"]:
         (base / rel).write_text("Hello there my friend\n%\n")
-    kept = sorted(p.name for p in base.rglob("*") if ts.is_top_level_fortune(p))
+    kept = sorted(p.name for p in base.rglob("*") if tx.is_top_level_fortune(p))
     assert kept == ["people"]
 
 
@@ -132,15 +133,15 @@ def test_topic_blocks_follow_the_concatenated_sets() -> None:
         + ["lonely coachella tweet"]  # a stray hit far from its block: no topic
     )
     texts = texts[:-1] + ["x"] * 8 + texts[-1:]
-    patterns = {"airline": ts.AIRLINE_RE, "coachella": ts.TWEET_TOPICS["coachella"]}
-    topics = ts.topic_blocks(texts, patterns, min_run=5, max_gap=2)
+    patterns = {"airline": ts.AIRLINE_RE, "coachella": tx.TWEET_TOPICS["coachella"]}
+    topics = tx.topic_blocks(texts, patterns, min_run=5, max_gap=2)
     assert topics[:12] == ["coachella"] * 12
     assert topics[12:25] == ["airline"] * 13
     assert topics[25:] == [None] * 9
 
 
 def test_topic_words_are_masked_with_their_token() -> None:
-    masked = ts.mask_topic_words("@AppleSupport my iPhone died #Apple; @united and @VirginAmerica lost bags, "
+    masked = tx.mask_topic_words("@AppleSupport my iPhone died #Apple; @united and @VirginAmerica lost bags, "
                                  "#DeflateGate: Brady & the Patriots; self-driving / driverless / Driver-less cars; "
                                  "Claritin-D at #coachella2015")
     assert masked == ("[MASK] my iPhone died [MASK]; [MASK] and [MASK] lost bags, [MASK]: [MASK] & the [MASK]; "
@@ -154,7 +155,7 @@ def test_vader_ground_truth_parsing() -> None:
             "3\tn/a\tbroken\r\n"
             "junk line\n"
             "4\t0.2\tExecute like lightning")
-    assert ts.parse_vader_ground_truth(text) == [
+    assert tx.parse_vader_ground_truth(text) == [
         (2.726315789, "So lucky & happy."),
         (-1.5, "A tab\tinside the text"),
         (0.2, "Execute like lightning"),
@@ -172,17 +173,17 @@ WORDNET_LINES = [
 
 
 def test_wordnet_synsets_parsing() -> None:
-    synsets = ts.parse_wordnet_synsets(WORDNET_LINES)
+    synsets = tx.parse_wordnet_synsets(WORDNET_LINES)
     assert [s.lemmas for s in synsets] == [("breathe", "respire"), ("breathe",), ("sleep",), ("respire",)]
-    assert synsets[0] == ts.Synset("verb.body", ("breathe", "respire"), "draw air into, and expel out of, the lungs",
+    assert synsets[0] == tx.Synset("verb.body", ("breathe", "respire"), "draw air into, and expel out of, the lungs",
                                    ("I can breathe better now", "The patient is respiring"))
     assert synsets[1].lexname == "verb.cognition" and synsets[3].examples == ()
 
 
 def test_gloss_match_rows_pair_examples_with_own_or_other_sense() -> None:
-    synsets = ts.parse_wordnet_synsets(WORDNET_LINES)
-    rows = ts.gloss_match_rows(synsets, seed=0)
-    assert rows == ts.gloss_match_rows(synsets, seed=0)  # seeded
+    synsets = tx.parse_wordnet_synsets(WORDNET_LINES)
+    rows = tx.gloss_match_rows(synsets, seed=0)
+    assert rows == tx.gloss_match_rows(synsets, seed=0)  # seeded
     examples = {example for _, example, _ in rows}
     assert examples == {"I can breathe better now", "The patient is respiring", "She breathes the same sweetness"}
     own = {s.examples[i]: s.definition for s in synsets for i in range(len(s.examples))}
@@ -191,17 +192,17 @@ def test_gloss_match_rows_pair_examples_with_own_or_other_sense() -> None:
               "She breathes the same sweetness": {synsets[0].definition}}
     for label, example, definition in rows:
         assert definition == own[example] if label == "same_sense" else definition in others[example]
-    labels = {label for seed in range(20) for label, _, _ in ts.gloss_match_rows(synsets, seed=seed)}
+    labels = {label for seed in range(20) for label, _, _ in tx.gloss_match_rows(synsets, seed=seed)}
     assert labels == {"same_sense", "other_sense"}
 
 
 def test_movie_dialog_and_reply_selection() -> None:
     text = ',statement,reply\n0,"no, no, it\'s my fault we met ",cameron is here.\n1,what?,yes.\n2,a b c,d e f\n'
-    dialog = ts.parse_movie_dialog_csv(text)
+    dialog = tx.parse_movie_dialog_csv(text)
     assert dialog == [("no, no, it's my fault we met ", "cameron is here."), ("what?", "yes."), ("a b c", "d e f")]
     many = [(f"statement number {i} here", f"reply number {i} there") for i in range(200)] + [("what?", "yes.")]
-    rows = ts.reply_selection_rows(many, seed=0)
-    assert rows == ts.reply_selection_rows(many, seed=0)
+    rows = tx.reply_selection_rows(many, seed=0)
+    assert rows == tx.reply_selection_rows(many, seed=0)
     assert all("what?" not in s for _, s, _ in rows)  # too short to carry a label
     for label, s, r in rows:
         true = s.replace("statement", "reply").replace("here", "there")
@@ -216,7 +217,7 @@ def test_movie_dialog_and_reply_selection() -> None:
 def _pair_task(n: int = 120) -> TextTask:
     rows = [("same_sense" if i % 2 else "other_sense", f"example {i}", f"definition {i % 7}") for i in range(n)]
     rows.append(("same_sense", "example 3", "another definition"))  # the first text again: dropped
-    return tc.build_pair_task("pairs", rows, "test", class_order=ts.GLOSS_CLASSES)
+    return tc.build_pair_task("pairs", rows, "test", class_order=tx.GLOSS_CLASSES)
 
 
 def test_build_pair_task_dedups_on_the_first_text_and_balances() -> None:
@@ -225,7 +226,7 @@ def test_build_pair_task_dedups_on_the_first_text_and_balances() -> None:
     assert task.texts_b[task.texts.index("example 3")] == "definition 3"
     capped = tc.build_pair_task("pairs", [(lab, a, b) for lab, a, b in zip(
         ["other_sense"] * 90 + ["same_sense"] * 30, [f"a{i}" for i in range(120)], ["b"] * 120)],
-        "test", class_order=ts.GLOSS_CLASSES, max_total=40)
+        "test", class_order=tx.GLOSS_CLASSES, max_total=40)
     assert capped.class_counts == {"other_sense": 20, "same_sense": 20}
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from symerge.atomic import atomic_file
 from symerge.data.fetch import cache_root, load_cached_task
-from symerge.data import text_sources
+from symerge.data import text_sources, text_sources_extra
 from symerge.data.splits import stratified_split
 from symerge.data.text_corpus import CACHE_VERSION, MAX_TEXTS, TaskSplit, TextTask
 
@@ -30,7 +30,8 @@ REGRESSION: list[str] = ["vader_tweets", "vader_nyt", "vader_amazon"]
 PAIR_TASKS: list[str] = ["gloss_match_verb", "gloss_match_noun", "dialog_reply"]
 
 TEXT_TASKS: dict[str, Callable[[], TextTask]] = {
-    name: getattr(text_sources, f"load_{name}") for name in TEXT8 + MORE_CLASSIFICATION + REGRESSION + PAIR_TASKS
+    **{name: getattr(text_sources, f"load_{name}") for name in TEXT8},
+    **{name: getattr(text_sources_extra, f"load_{name}") for name in MORE_CLASSIFICATION + REGRESSION + PAIR_TASKS},
 }
 """Registry name -> uncached builder (fetches what it needs). Prefer ``load_text_task``."""
 
