@@ -383,7 +383,7 @@ def test_suite_benchmarks_carry_the_true_adaptation_labels(tmp_path, monkeypatch
 
     text_cfg = TextSuiteConfig(max_test=30, max_adapt=30, max_train=60, n_val=10, max_len=12,
                                expert={"steps": 20, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2},
-                               freeze_word_embeddings=False)
+                               freeze_word_embeddings=False, methods=["individual"])
     text, info = text_benchmark(text_cfg, tiny_bert_dir(tmp_path / "bert"), [synthetic_task("alpha", 2, 1, n=120)],
                                 **QUIET)
     experts = static_result("individual", text, text.task_vectors(), {})

@@ -30,6 +30,10 @@ def synthetic_task(name: str, classes: int, seed: int, n: int = 160) -> TextTask
     return TextTask(name, texts, labels, [f"c{c}" for c in range(classes)], "synthetic")
 
 
+# Tests that only build the benchmark: no SyMerge row, whose suite default names a MiniLM block the tiny BERT lacks.
+BENCH_ONLY = ["individual", "task_arithmetic"]
+
+
 def tiny_bert_dir(path: Path) -> Path:
     return word_bert_dir(path, WORDS, 200, pairs=False)
 
@@ -97,7 +101,7 @@ def test_experts_fine_tuned_in_two_worker_processes_equal_the_sequential_ones(tm
 
     model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
     tasks = [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2), synthetic_task("gamma", 4, 3)]
-    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12,
+    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12, methods=BENCH_ONLY,
                           expert={"steps": 12, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2})
     built = {}
     for workers in (1, 2):
@@ -145,7 +149,7 @@ def test_a_failing_worker_names_its_task_and_leaves_no_half_written_expert(tmp_p
     monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / "cache"))
     model_dir = tiny_bert_dir(tmp_path / "tiny-bert")
     cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12, expert_workers=2,
-                          expert={"steps": 2, "batch_size": 16, "loss": "hinge"})
+                          methods=BENCH_ONLY, expert={"steps": 2, "batch_size": 16, "loss": "hinge"})
     with pytest.raises(RuntimeError, match="expert alpha: fine-tuning in a worker process failed: ValueError: "
                                            "fine-tuning loss must be one of"):
         text_benchmark(cfg, model_dir, [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2)],
@@ -169,7 +173,7 @@ def test_each_expert_is_reported_as_soon_as_it_is_ready(tmp_path, monkeypatch, w
 
     monkeypatch.setattr(text_suite, "tokenized_task", logged)
     cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12, expert_workers=workers,
-                          expert={"steps": 2, "batch_size": 16})
+                          methods=BENCH_ONLY, expert={"steps": 2, "batch_size": 16})
     tasks = [synthetic_task(n, 2, i) for i, n in enumerate(["a", "b", "c", "d"])]
     text_suite.text_benchmark(cfg, tiny_bert_dir(tmp_path / "tiny-bert"), tasks, progress=False,
                               log=messages.append)
@@ -178,3 +182,21 @@ def test_each_expert_is_reported_as_soon_as_it_is_ready(tmp_path, monkeypatch, w
         assert events == ["made a", "expert a", "made b", "expert b", "made c", "expert c", "made d", "expert d"]
     else:  # at most workers + 1 submitted before the first is reported
         assert events[:4] == ["made a", "made b", "made c", "expert a"] and events[-1] == "expert d"
+
+
+def test_a_task_layer_the_model_lacks_fails_before_any_expert_trains(tmp_path, monkeypatch):
+    """The suite's default SyMerge layer (MiniLM's `body.encoder.layer.3`) does not exist in a 2-block model: the run
+    stops in seconds, naming the row and the module, with no expert fine-tuned or cached."""
+    from symerge.errors import ValidationError
+    from symerge.suites.text import TEXT_TASK_LAYER, text_benchmark
+
+    monkeypatch.setenv("SYMERGE_CACHE", str(tmp_path / "cache"))
+    tasks = [synthetic_task("alpha", 3, 1), synthetic_task("beta", 2, 2)]
+    cfg = TextSuiteConfig(max_test=40, max_adapt=40, max_train=80, n_val=16, max_len=12,
+                          expert={"steps": 30, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2},
+                          methods=["individual", "task_arithmetic", "symerge"])
+    messages: list[str] = []
+    with pytest.raises(ValidationError, match=f"method 'symerge': task_layer '{TEXT_TASK_LAYER}': no encoder tensor"):
+        text_benchmark(cfg, tiny_bert_dir(tmp_path / "tiny-bert"), tasks, progress=False, log=messages.append)
+    assert not any("expert" in m for m in messages)
+    assert not (tmp_path / "cache" / "experts").exists()

@@ -200,11 +200,12 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
     """Build (or take) the benchmark, run the study with this seed, write its files into `folder`."""
     start = time.perf_counter()
     log(f"study {spec.name} on {suite}, seed {cfg.seed}")
+    cfg = cfg.model_copy(update={"adapt": paper_head_settings(getattr(cfg, "adapt"))})
     if benchmark is None:
         bench, info = build(cfg, progress=progress, log=log)
     else:
         bench, info = benchmark, {"benchmark": "given"}
-    settings = paper_head_settings(cfg.adapt_settings())
+    settings = cfg.adapt_settings()
     if steps is not None:
         settings = settings.model_copy(update={"steps": steps})
     ctx = StudyContext(suite=suite, bench=bench, settings=settings, protocol=cfg.protocol, seed=cfg.seed,

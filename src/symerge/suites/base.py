@@ -102,6 +102,25 @@ class ExpertJob:
     finetune: FinetuneConfig
 
 
+def check_task_layers(cfg: SuiteConfig, encoder: nn.Module) -> None:
+    """Every SyMerge row's `task_layer` names tensors of this encoder: checked before any expert trains, so a
+    suite configured for another model fails in seconds, naming the row and the module."""
+    from symerge.adaptive.symerge_method import parse_task_layer, select_task_layer_keys
+    from symerge.suites.runner import ROW_VARIANTS, row_method, row_settings
+
+    keys = list(encoder.state_dict())
+    settings = cfg.adapt_settings()
+    methods: list[str] = getattr(cfg, "methods")
+    for row in methods:
+        if row_method(row) != "symerge" or (row in ROW_VARIANTS and ROW_VARIANTS[row].lambdas_from is not None):
+            continue
+        spelled = row_settings(row, settings, {}).method_options.get("symerge", {}).get("task_layer", "head")
+        try:
+            select_task_layer_keys(keys, parse_task_layer(spelled), spelled)
+        except ValidationError as err:
+            raise ValidationError(f"method '{row}': {err}") from None
+
+
 def fine_tune_experts(
     encoder: nn.Module, jobs: Iterable[ExpertJob], cache_dir: Path, device: str, log: Callable[[str], None],
     progress: bool, per_task_finetune: bool = False, workers: int = 1,

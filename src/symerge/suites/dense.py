@@ -24,7 +24,7 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.suites.base import ExpertJob, SuiteConfig, fine_tune_experts, run_and_report
+from symerge.suites.base import ExpertJob, SuiteConfig, check_task_layers, fine_tune_experts, run_and_report
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, TaskData, known_names
 
@@ -132,6 +132,7 @@ def build_dense_benchmark(
 
     encoder = encoder.eval()
     in_channels = int(getattr(encoder, "feature_dim"))
+    check_task_layers(cfg, encoder)
     mean_depth = float(splits["train"]["depth"].mean())
 
     def jobs() -> Iterator[ExpertJob]:

@@ -20,8 +20,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import BeforeValidator, ConfigDict, Field
 
-from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
-                                 run_and_report, with_rows_after)
+from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, check_task_layers,
+                                 fine_tune_experts, run_and_report, with_rows_after)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
@@ -184,6 +184,7 @@ def build_text_benchmark(
     from symerge.models.text import linear_head, load_text_encoder
 
     encoder, tokenizer = load_text_encoder(model_dir)
+    check_task_layers(cfg, encoder)
     frozen = ("body.embeddings.word_embeddings.",) if cfg.freeze_word_embeddings else ()
     ft = FinetuneConfig(**cfg.expert, frozen_prefixes=frozen, seed=cfg.seed)
     # regression experts train by L1 on a 1-output head (the suite's `expert` recipe otherwise)

@@ -26,8 +26,8 @@ import torch
 from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
-from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, fine_tune_experts,
-                                 run_and_report, with_rows_after)
+from symerge.suites.base import (CLASSIFICATION_METHODS, ClassificationSuiteConfig, ExpertJob, check_task_layers,
+                                 fine_tune_experts, run_and_report, with_rows_after)
 from symerge.suites.finetune import FinetuneConfig
 from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_names
 
@@ -168,6 +168,7 @@ def build_vision_benchmark(
 
     encoder = encoder.eval()
     ft = FinetuneConfig(**cfg.expert, freeze_batchnorm=True, seed=cfg.seed)
+    check_task_layers(cfg, encoder)
     dim = feature_dim(encoder, cfg.image_size)
 
     def jobs() -> Iterator[ExpertJob]:
