@@ -19,12 +19,14 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from symerge.adaptive.symerge_method import parse_task_layer, select_task_layer_keys
 from symerge.batching import Inputs
 from symerge.devices import RunsOn
 from symerge.errors import ValidationError
 from symerge.suites.finetune import (Expert, FinetuneConfig, expert_folder, hash_tensors, load_cached_expert,
                                       train_and_store_expert)
-from symerge.suites.runner import AdaptSettings, Benchmark, MethodOutcome, PostMerge
+from symerge.suites.runner import (ROW_VARIANTS, AdaptSettings, Benchmark, MethodOutcome, PostMerge, row_method,
+                                   row_settings)
 from symerge.suites.tasks import TaskData, TaskPool
 
 Figures = Mapping[str, tuple[str, Callable[[Path], None]]]
@@ -105,9 +107,6 @@ class ExpertJob:
 def check_task_layers(cfg: SuiteConfig, encoder: nn.Module) -> None:
     """Every SyMerge row's `task_layer` names tensors of this encoder: checked before any expert trains, so a
     suite configured for another model fails in seconds, naming the row and the module."""
-    from symerge.adaptive.symerge_method import parse_task_layer, select_task_layer_keys
-    from symerge.suites.runner import ROW_VARIANTS, row_method, row_settings
-
     keys = list(encoder.state_dict())
     settings = cfg.adapt_settings()
     methods: list[str] = getattr(cfg, "methods")
