@@ -30,7 +30,8 @@ from symerge.suites.runner import AdaptSettings, Benchmark, TaskData, known_name
 TEXT_METHODS = with_rows_after(CLASSIFICATION_METHODS, {"symerge": ["symerge_filtered", "symerge_head"]})
 QUICK_TASKS = ["bbc_topic", "trec_question", "sms_spam", "language_id"]
 # `make demo` (`--preset demo`): the full suite's settings and numbers for the paper's main rows; the variant rows
-# (`adamerging_summed`, `symerge_filtered`, `task_arithmetic_val`, weight averaging) and WEMoE are left to the full run.
+# (`adamerging_summed`, `symerge_filtered`, `symerge_head`, `task_arithmetic_val`, weight averaging) and WEMoE are
+# left to the full run.
 DEMO_METHODS = ["pretrained", "individual", "task_arithmetic", "ties", "adamerging", "surgery", "symerge"]
 # Test-time baselines as their papers / official code run them, with the suite's iterations and batch (the paper gives
 # every test-time method the same samples):

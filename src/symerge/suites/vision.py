@@ -65,8 +65,8 @@ SYMERGE_LAYER_LR = {"symerge": {"layer_lr": 1e-3}, "symerge_head": {"layer_lr": 
 
 
 def default_adapt(steps: int = 500, curve: Sequence[int] = (25, 50, 100, 200, 500)) -> AdaptSettings:
-    """Paper App. A.1 (vision): Adam, lr 1e-2 for λ and the heads (SyMerge), batch 32, 500 iterations, confidence
-    filter "code".
+    """Paper App. A.1 (vision): Adam, lr 1e-2 for λ (and the head of `symerge_head`), batch 32, 500 iterations,
+    confidence filter "code"; SyMerge's block task layer at 1e-3 (`SYMERGE_LAYER_LR`).
 
     500 iterations, the paper's: with the experts in the paper's regime (issue 17) SyMerge still gains between 200
     and 500 (probe with head lr 3e-4: 86.2 / 90.1 / 93.3 / 93.9 / 95.0 % normalized at 25 / 50 / 100 / 200 / 500).
