@@ -61,7 +61,8 @@ WEMOE = {"wemoe": {"lr": 1e-4, "update": "summed"}}
 VISION_TASK_LAYER = "block:features.17"
 VISION_METHOD_OPTIONS = {"wemoe": {"batch_reduce": True}, "surgery": {"adapter_lr": 3e-4},
                          "symerge": {"task_layer": VISION_TASK_LAYER}}
-SYMERGE_LAYER_LR = {"symerge": {"layer_lr": 1e-3}, "symerge_head": {"layer_lr": 1e-2}}
+HEAD_LR = 1e-2  # the suite's task-layer lr (heads); the symerge_head row resets the block's lr to it
+SYMERGE_LAYER_LR = {"symerge": {"layer_lr": 1e-3}, "symerge_head": {"layer_lr": HEAD_LR}}
 
 
 def default_adapt(steps: int = 500, curve: Sequence[int] = (25, 50, 100, 200, 500)) -> AdaptSettings:
@@ -72,7 +73,7 @@ def default_adapt(steps: int = 500, curve: Sequence[int] = (25, 50, 100, 200, 50
     and 500 (probe with head lr 3e-4: 86.2 / 90.1 / 93.3 / 93.9 / 95.0 % normalized at 25 / 50 / 100 / 200 / 500).
     With the earlier, easier experts it had plateaued by 200 (96.2 / 96.1 / 95.4 % at 200 / 300 / 400).
     """
-    return AdaptSettings(regime="vision", steps=steps, batch_size=32, lr=1e-2, layer_lr=1e-2, curve=list(curve),
+    return AdaptSettings(regime="vision", steps=steps, batch_size=32, lr=1e-2, layer_lr=HEAD_LR, curve=list(curve),
                          per_method=copy.deepcopy({**ADAMERGING_LR, **WEMOE, **SYMERGE_LAYER_LR}),
                          method_options=copy.deepcopy(VISION_METHOD_OPTIONS))
 
