@@ -118,6 +118,7 @@ def test_block_group_trains_one_copy_per_task_from_task_arithmetic(twelve_blocks
     result = finish(trainer)
     assert not torch.equal(result.task_overrides["a"]["layer.11.weight"], result.task_overrides["b"]["layer.11.weight"])
     assert not torch.equal(result.task_overrides["a"]["layer.0.weight"], ta["layer.0.weight"])
+    assert result.task_specific_values() == 2 * 2 * (4 * 4 + 4)  # 2 tasks × 2 blocks × Linear(4, 4), and no more
 
 
 def test_bad_task_layer_fails_before_the_expert_pass(twelve_blocks, monkeypatch):

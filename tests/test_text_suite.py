@@ -71,6 +71,10 @@ def test_text_suite_pipeline_on_tiny_bert(tmp_path, monkeypatch):
     for name in ("accuracy.png", "normalized.png", "cross_task.png", "lambda_symerge.png", "loss.png", "iterations.png"):
         assert (out / name).stat().st_size > 1000, name
     assert on_disk["methods"]["wemoe"]["inference_cost"]["router_params"] > 0
+    kept = {name: entry.get("task_specific") for name, entry in on_disk["methods"].items()}
+    assert kept["individual"]["of_encoder"] == pytest.approx(3.0)  # three experts' whole encoders
+    assert 0 < kept["surgery"]["of_encoder"] < 1  # an adapter per task
+    assert kept["task_arithmetic"] is None and kept["symerge"] is None  # SyMerge here trains the heads only
     markdown = (out / "report.md").read_text()
     assert "| symerge |" in markdown or "| **symerge** |" in markdown
     assert "## Inference cost" in markdown

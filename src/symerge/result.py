@@ -40,6 +40,18 @@ class MergeResult:
         if task not in self.tasks:
             raise ValidationError(f"unknown task '{task}'; this result has {self.tasks}")
 
+    def task_specific_values(self) -> int:
+        """Floating-point values kept per task beyond the one shared encoder and the heads (a block copy, Surgery's
+        adapter, an expert's own encoder), summed over tasks: what serving every task costs over one merged model."""
+        overrides = sum(v.numel() for state in self.task_overrides.values() for v in state.values()
+                        if v.is_floating_point())
+        adapters = sum(p.numel() for adapter in self.adapters.values() for p in adapter.parameters())
+        return overrides + adapters
+
+    def encoder_values(self) -> int:
+        """Floating-point values in the shared encoder state (the unit `task_specific_values` is compared with)."""
+        return sum(v.numel() for v in self.encoder_state.values() if v.is_floating_point())
+
     def encoder_params(self, task: str) -> dict[str, Tensor]:
         self.check_task(task)
         params = dict(self.encoder_state)

@@ -92,16 +92,19 @@ def transfer_section(report: Mapping[str, Any]) -> str:
 
 
 def inference_cost_table(report: Mapping[str, Any]) -> str:
-    """Methods whose merged model is more than one encoder (WEMoE): what they keep and how much slower they run."""
+    """What each row keeps beyond one merged encoder and the task heads (block copies, adapters, experts; WEMoE's
+    task vectors and routers), relative to the encoder, and how much slower WEMoE runs than a merged encoder."""
     rows = []
     for name, entry in report["methods"].items():
-        cost = entry.get("inference_cost")
+        cost, kept = entry.get("inference_cost"), entry.get("task_specific")
         if cost:
             slowdown = f"{cost['slowdown']:.2f}×" if "slowdown" in cost else "-"
-            rows.append([name, f"{cost['router_params']:,}", f"{cost['extra_stored_params']:,}",
-                         f"{cost['extra_params_ratio']:.2f}×", slowdown])
-    return table(["method", "trained router params", "extra params kept", "extra / encoder", "time / sample vs merged"],
-                 rows) if rows else ""
+            rows.append([name, f"{cost['extra_stored_params']:,}", "-", f"{cost['extra_params_ratio']:.2f}×",
+                         f"{cost['router_params']:,}", slowdown])
+        elif kept:
+            rows.append([name, f"{kept['values']:,}", f"{kept['per_task']:,}", f"{kept['of_encoder']:.2f}×", "-", "-"])
+    return table(["method", "extra values kept", "per task", "extra / encoder", "trained router params",
+                  "time / sample vs merged"], rows) if rows else ""
 
 
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:

@@ -36,6 +36,10 @@ def method_entry(outcome: MethodOutcome, reference: Mapping[str, float], metrics
         entry["notes"] = outcome.notes
     if outcome.result.provenance.get("per_task_encoder"):
         entry["notes"] = (entry.get("notes", "") + " per-task encoder at inference (evaluated per task)").strip()
+    kept = outcome.result.task_specific_values()
+    if kept:
+        entry["task_specific"] = {"values": kept, "per_task": kept // max(len(outcome.result.tasks), 1),
+                                  "of_encoder": kept / max(outcome.result.encoder_values(), 1)}
     prov = outcome.result.provenance
     for key in ("expert_runs_per_sample", "expert_seconds", "adapt_seconds", "skipped_steps", "options", "granularity",
                 "inference_cost"):  # inference_cost: methods that keep extra weights at inference (WEMoE)
