@@ -4,7 +4,8 @@ difficulty targets). Uses the suite's own data, splits and experts (fine-tuned a
 JSON line, with SyMerge's curve and task arithmetic per task. Figures, not asserts.
 
     python benchmarks/expert_regime.py --suite text --expert '{"steps": 150, "batch_size": 32, "lr": 5e-4,
-        "head_lr": 5e-4}' [--steps 100] [--threads 1] [--out docs/benchmarks/expert_regime.jsonl]
+        "head_lr": 5e-4}' [--config '{"freeze_word_embeddings": false}'] [--steps 100] [--threads 1]
+        [--out docs/benchmarks/expert_regime.jsonl]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=["text", "vision"], default="text")
     parser.add_argument("--expert", required=True, help="the expert recipe as JSON (the suite config's `expert`)")
+    parser.add_argument("--config", default="{}", help="other suite config fields as JSON, e.g. "
+                        "'{\"freeze_word_embeddings\": false}' (validated by the suite config)")
     parser.add_argument("--methods", default="pretrained,individual,task_arithmetic,symerge")
     parser.add_argument("--steps", type=int, default=None, help="adaptation iterations (default: the suite's)")
     parser.add_argument("--threads", type=int, default=1)
@@ -35,7 +38,8 @@ def main() -> None:
     else:
         from symerge.suites.vision import VisionSuiteConfig as Config, vision_benchmark as benchmark
     methods = args.methods.split(",")
-    cfg = Config(expert=json.loads(args.expert), methods=methods)
+    overrides = json.loads(args.config)
+    cfg = Config(**{**overrides, "expert": json.loads(args.expert), "methods": methods})
     if args.steps is not None:
         curve = sorted({c for c in (25, 50, 100, 200) if c < args.steps} | {args.steps})
         cfg = cfg.model_copy(update={"adapt": cfg.adapt.model_copy(update={"steps": args.steps, "curve": curve})})
@@ -43,7 +47,7 @@ def main() -> None:
     outcomes = run_methods(bench, methods, cfg.protocol, cfg.adapt_settings(), progress=False, log=lambda _: None)
     reference = outcomes["individual"].per_task
     line = {
-        "suite": args.suite, "expert": cfg.expert,
+        "suite": args.suite, "expert": cfg.expert, **({"config": overrides} if overrides else {}),
         **{m: round(100 * mean(normalized(o.per_task, reference)), 1) for m, o in outcomes.items()},
         "individual_avg": round(100 * mean(reference), 1),
         "curves": {m: [(c["iterations"], round(100 * c["normalized_average"], 1)) for c in o.curve]
