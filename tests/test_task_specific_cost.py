@@ -29,11 +29,11 @@ def test_a_plain_merge_keeps_nothing_per_task():
 def test_cost_table_lists_task_specific_rows_and_wemoe():
     report = {"methods": {
         "task_arithmetic": {},
-        "symerge": {"task_specific": {"values": 300, "per_task": 150, "of_encoder": 0.5}},
+        "symerge": {"task_specific": {"values": 300, "per_task": 150, "of_encoder": 0.004356}},
         "wemoe": {"inference_cost": {"extra_stored_params": 900, "extra_params_ratio": 1.5, "router_params": 40,
                                      "slowdown": 1.25}},
     }}
     table = inference_cost_table(report)
-    assert "| symerge | 300 | 150 | 0.50× | - | - |" in table
+    assert "| symerge | 300 | 150 | 0.00436× | - | - |" in table  # small adapters stay visible
     assert "| wemoe | 900 | - | 1.50× | 40 | 1.25× |" in table
     assert "task_arithmetic" not in table

@@ -102,7 +102,7 @@ def inference_cost_table(report: Mapping[str, Any]) -> str:
             rows.append([name, f"{cost['extra_stored_params']:,}", "-", f"{cost['extra_params_ratio']:.2f}×",
                          f"{cost['router_params']:,}", slowdown])
         elif kept:
-            rows.append([name, f"{kept['values']:,}", f"{kept['per_task']:,}", f"{kept['of_encoder']:.2f}×", "-", "-"])
+            rows.append([name, f"{kept['values']:,}", f"{kept['per_task']:,}", f"{kept['of_encoder']:.3g}×", "-", "-"])
     return table(["method", "extra values kept", "per task", "extra / encoder", "trained router params",
                   "time / sample vs merged"], rows) if rows else ""
 
