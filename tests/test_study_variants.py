@@ -12,6 +12,7 @@ from torch import nn
 
 from symerge.adaptive.objectives import LOSSES, self_label_loss
 from symerge.errors import ValidationError
+from symerge.evaluation.metrics import mean, normalized
 from symerge.studies.ablation import COMPONENTS, block_thirds, check_block_lr, lambda_sparsity, layer_variants, numbered_blocks
 from symerge.studies.base import StudyContext, Variant
 from symerge.studies.losses import ground_truth_cache, one_hot_logits, true_outputs
@@ -333,7 +334,29 @@ def test_tuning_study_curves_match_separate_runs(bench, tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tuning_on_the_validation_split_scores_it_against_the_experts_validation_scores(bench):
+    """split=val: every curve point and the task-arithmetic bar are scored on the labeled validation split, each
+    normalized by the experts' own validation scores (computed here directly), never by their test scores."""
+    from symerge.studies.base import STUDIES
+    from symerge.studies.tuning import tuning
+
+    check = STUDIES["tuning"].options
+    ctx = context(bench)
+    ctx.options = {"method": "adamerging", "lrs": [0.1], "steps": 4, "curve": [2], "split": check["split"]("val")}
+    output = tuning(ctx)
+    experts_val = primary_scores(static_result("individual", bench, ctx.task_vectors(), {}), bench, "cpu", "val")
+    ta_val = primary_scores(static_result("task_arithmetic", bench, ctx.task_vectors(), {}), bench, "cpu", "val")
+    assert output.data["split"] == "val" and "labeled validation split" in output.markdown
+    assert output.data["headline"]["task_arithmetic"] == pytest.approx(mean(normalized(ta_val, experts_val)))
+    _result, _points, per_task, _seconds = ctx.adapt(Variant("alone", method="adamerging",
+                                                             trainer={"lr": 0.1, "steps": 4}), None, [], split="val")
+    final = output.data["curves"]["lr=0.1"][-1]["normalized_average"]
+    assert final == pytest.approx(mean(normalized(per_task, experts_val)))
+    assert final != ctx.run_variant(Variant("test", method="adamerging", trainer={"lr": 0.1, "steps": 4})).normalized_average
+
+
 @pytest.mark.parametrize("name, value, message", [
+    ("split", "train", "'split' must be one of"),
     ("method", "nope", "unknown adaptive method 'nope'"),
     ("lrs", [], "non-empty list"),
     ("lrs", [1e-3, -1.0], "'lrs' must be a positive number"),

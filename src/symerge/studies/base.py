@@ -26,7 +26,8 @@ from symerge.batching import Inputs, num_samples, take
 from symerge.errors import ValidationError
 from symerge.evaluation.metrics import mean, normalized, primary_of
 from symerge.result import MergeResult
-from symerge.suites.runner import AdaptSettings, Benchmark, adaptive_result, expert_cache_for, primary_scores
+from symerge.suites.runner import (AdaptSettings, Benchmark, adaptive_result, expert_cache_for, primary_scores,
+                                   static_result)
 from symerge.taskvectors import TaskVectors
 
 Figure = Callable[[Path], None]  # draws one figure into the given file path
@@ -84,6 +85,7 @@ class StudyContext:
     options: dict[str, Any] = field(default_factory=dict)  # the study's own options (`StudySpec.options`)
     _tv: TaskVectors | None = None
     _caches: dict[float, ExpertCache] = field(default_factory=dict)
+    _references: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -127,11 +129,20 @@ class StudyContext:
         labels = {t: d.test_labels if n is None else d.test_labels[:n] for t, d in self.bench.tasks.items()}
         return inputs, labels
 
-    def normalized(self, per_task: Mapping[str, float]) -> float:
-        return mean(normalized(dict(per_task), self.reference))
+    def split_reference(self, split: str) -> dict[str, float]:
+        """The experts' own scores on a labeled split: `reference` for "test"; computed once for "val"."""
+        if split == "test":
+            return self.reference
+        if split not in self._references:
+            individual = static_result("individual", self.bench, self.task_vectors(), {})
+            self._references[split] = primary_scores(individual, self.bench, self.device, split)
+        return self._references[split]
 
-    def score(self, result: MergeResult) -> dict[str, float]:
-        return primary_scores(result, self.bench, self.device)
+    def normalized(self, per_task: Mapping[str, float], split: str = "test") -> float:
+        return mean(normalized(dict(per_task), self.split_reference(split)))
+
+    def score(self, result: MergeResult, split: str = "test") -> dict[str, float]:
+        return primary_scores(result, self.bench, self.device, split)
 
     def variant_settings(self, variant: Variant, curve: list[int]) -> AdaptSettings:
         """The suite's settings with the variant's trainer overrides and method options layered on its method."""
@@ -139,13 +150,13 @@ class StudyContext:
         return overridden.model_copy(update={"curve": list(curve)})
 
     def adapt(self, variant: Variant, cache: ExpertCache | None, curve: list[int],
-              on_point: Callable[[dict[str, float]], None] | None = None) -> tuple[
+              on_point: Callable[[dict[str, float]], None] | None = None, split: str = "test") -> tuple[
             MergeResult, list[dict[str, float]], dict[str, float], float]:
-        """Train one variant, scoring the test split at the `curve` steps on the way: (result, curve points with
-        average / normalized_average / seconds, final per-task scores, adaptation seconds). `on_point` sees each
-        point as it is scored."""
+        """Train one variant, scoring the test (or validation) split at the `curve` steps on the way: (result, curve
+        points with average / normalized_average / seconds, final per-task scores, adaptation seconds). `on_point`
+        sees each point as it is scored."""
         def point(per_task: dict[str, float]) -> dict[str, float]:
-            scored = {"average": mean(per_task), "normalized_average": self.normalized(per_task)}
+            scored = {"average": mean(per_task), "normalized_average": self.normalized(per_task, split)}
             if on_point is not None:
                 on_point(scored)
             return scored
@@ -153,7 +164,7 @@ class StudyContext:
         start = time.perf_counter()
         result, points, scores = adaptive_result(
             variant.method, self.bench, self.task_vectors(), self.adapt_inputs(), cache or self.expert_cache(),
-            self.variant_settings(variant, curve), self.progress, point)
+            self.variant_settings(variant, curve), self.progress, point, split=split)
         seconds = float(result.provenance.get("adapt_seconds", time.perf_counter() - start))
         return result, points, {t: s.primary for t, s in scores.items()}, seconds
 
@@ -164,14 +175,15 @@ class StudyContext:
         self.log(f"{variant.label:>28s}: normalized {outcome.normalized_average:.4f} ({seconds:.0f}s)")
         return outcome
 
-    def run_curve(self, variant: Variant, marks: list[int]) -> list[dict[str, float]]:
-        """Train one variant, returning its score at each of `marks` steps (the last one: the variant's steps)."""
+    def run_curve(self, variant: Variant, marks: list[int], split: str = "test") -> list[dict[str, float]]:
+        """Train one variant, returning its score on `split` at each of `marks` steps (the last one: the variant's
+        steps)."""
         pending = iter(sorted(marks))
 
         def log_point(scored: dict[str, float]) -> None:  # as each point is scored: long runs are not silent
             self.log(f"{variant.label:>28s} @ {next(pending, '?')}: normalized {scored['normalized_average']:.4f}")
 
-        _result, points, _per_task, _seconds = self.adapt(variant, None, marks, log_point)
+        _result, points, _per_task, _seconds = self.adapt(variant, None, marks, log_point, split)
         return points
 
     def run_variants(self, variants: list[Variant]) -> dict[str, VariantOutcome]:

@@ -5,7 +5,9 @@ every learning rate and step is weak on the suite, not under-tuned.
 
 Options: `method` (an adaptive method, default WEMoE), `lrs` (learning rates), `grid` ({method option: [values]},
 crossed with the learning rates), `trainer` (TrainerConfig fields for every run, e.g. {update: summed}), `steps`
-(default: the method's configured steps) and `curve` (the steps scored on the way; default steps/4, steps/2).
+(default: the method's configured steps), `curve` (the steps scored on the way; default steps/4, steps/2) and
+`split` (the labeled split scored: `test`, or `val` to choose a setting without looking at the test split; each
+task's expert is scored on the same split as the reference).
 """
 
 from __future__ import annotations
@@ -75,8 +77,17 @@ def step_list(value: Any) -> list[int]:
     return sorted({step_count(s) for s in value})
 
 
+SPLIT_NAMES = {"test": "test", "val": "labeled validation"}  # the scoreable splits and how the report names them
+
+
+def scored_split(value: Any) -> str:
+    if value not in SPLIT_NAMES:
+        raise ValidationError(f"study option 'split' must be one of {list(SPLIT_NAMES)}, got {value!r}")
+    return str(value)
+
+
 OPTIONS = {"method": method_name, "lrs": learning_rates, "grid": option_grid, "trainer": trainer_overrides,
-           "steps": step_count, "curve": step_list}
+           "steps": step_count, "curve": step_list, "split": scored_split}
 
 
 def variants(method: str, lrs: list[float], grid: Mapping[str, list[Any]], trainer: Mapping[str, Any],
@@ -125,20 +136,21 @@ def tuning(ctx: StudyContext) -> StudyOutput:
     steps = ctx.option("steps", int(configured.steps))
     marks = sorted({m for m in ctx.option("curve", [max(1, steps // 4), max(1, steps // 2)]) if m < steps} | {steps})
     runs = variants(method, ctx.option("lrs", list(DEFAULT_LRS)), grid, ctx.option("trainer", {}), steps)
-    ta = ctx.score(static_result("task_arithmetic", ctx.bench, ctx.task_vectors(), {}))
-    baseline = ctx.normalized(ta)
+    split = ctx.option("split", "test")
+    ta = ctx.score(static_result("task_arithmetic", ctx.bench, ctx.task_vectors(), {}), split)
+    baseline = ctx.normalized(ta, split)
     curves: dict[str, list[dict[str, float]]] = {}
     for run in runs:
-        curves[run.label] = ctx.run_curve(run, marks)
+        curves[run.label] = ctx.run_curve(run, marks, split)
     best_label, best = max(((label, c[-1]["normalized_average"]) for label, c in curves.items()), key=lambda x: x[1])
     markdown = "\n\n".join([
-        f"Method `{method}`, {steps} steps; normalized average (%) at each step, task arithmetic (the suite's λ) "
-        f"as the bar.", curve_table(curves, marks, baseline),
+        f"Method `{method}`, {steps} steps; normalized average (%) on the {SPLIT_NAMES[split]} split at each step, "
+        f"task arithmetic (the suite's λ) as the bar.", curve_table(curves, marks, baseline),
         f"Best final: {best_label} at {100 * best:.1f} % against task arithmetic's {100 * baseline:.1f} %."])
     final = {label: c[-1]["normalized_average"] for label, c in curves.items()}
     headline = {"task_arithmetic": baseline, **final}
     figures = {"tuning.png": bars_figure({"final normalized": final}, title=f"{method}: final normalized score",
                                          ylabel="normalized average (%)", lines={"task arithmetic": baseline})}
-    data = {"headline": headline, "method": method, "marks": marks, "task_arithmetic": {"per_task": ta,
+    data = {"headline": headline, "method": method, "marks": marks, "split": split, "task_arithmetic": {"per_task": ta,
             "average": mean(ta), "normalized_average": baseline}, "curves": curves}
     return StudyOutput(data=data, markdown=markdown, figures=figures)

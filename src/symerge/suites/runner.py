@@ -248,12 +248,13 @@ def task_arithmetic_on_validation(bench: Benchmark, tv: TaskVectors, grid: Seque
 def adaptive_result(
     name: str, bench: Benchmark, tv: TaskVectors, adapt_inputs: Mapping[str, Inputs], cache: ExpertCache,
     settings: AdaptSettings, progress: bool, curve_point: Callable[[dict[str, float]], dict[str, float]],
-    post_merge: PostMerge | None = None,
+    post_merge: PostMerge | None = None, split: str = "test",
 ) -> tuple[MergeResult, list[dict[str, float]], dict[str, TaskScore]]:
     """Train an adaptive method, evaluating at the `curve` iterations on the way (quality vs iterations).
 
     Returns the result, the curve, and the final TaskScore per task (the last curve evaluation, reused).
     `post_merge` (optional) transforms every evaluated result (e.g. BatchNorm re-estimation in the vision suite).
+    `split`: the labeled split scored ("test", or "val" to choose settings without looking at the test split).
     """
     cfg = settings.trainer_config(name, progress)
     options = dict(settings.method_options.get(name, {}))
@@ -267,7 +268,7 @@ def adaptive_result(
     post = post_merge or (lambda r: r)
     for mark in marks:
         trainer.run(stop_after=mark - trainer.start_step)
-        scores = score(post(trainer.result()), bench, settings.device)
+        scores = score(post(trainer.result()), bench, settings.device, split)
         curve.append({"iterations": mark, **curve_point(primary_and_ece(scores)[0]), "seconds": trainer.seconds})
     return post(trainer.result()), curve, scores
 
