@@ -357,6 +357,7 @@ def test_tuning_on_the_validation_split_scores_it_against_the_experts_validation
 
 @pytest.mark.parametrize("name, value, message", [
     ("split", "train", "'split' must be one of"),
+    ("split", ["val"], "'split' must be one of"),
     ("method", "nope", "unknown adaptive method 'nope'"),
     ("lrs", [], "non-empty list"),
     ("lrs", [1e-3, -1.0], "'lrs' must be a positive number"),

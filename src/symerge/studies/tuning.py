@@ -81,7 +81,7 @@ SPLIT_NAMES = {"test": "test", "val": "labeled validation"}  # the scoreable spl
 
 
 def scored_split(value: Any) -> str:
-    if value not in SPLIT_NAMES:
+    if not isinstance(value, str) or value not in SPLIT_NAMES:  # a YAML list / mapping is unhashable
         raise ValidationError(f"study option 'split' must be one of {list(SPLIT_NAMES)}, got {value!r}")
     return str(value)
 
