@@ -93,9 +93,6 @@ def test_the_cli_writes_each_log_line_at_once_into_a_file_or_pipe():
 
 def test_python_dash_m_symerge_runs_the_cli():
     """`python -m symerge` works like the `symerge` script (a checkout on PYTHONPATH has no script)."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-m", "symerge", "methods"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "symerge" in done.stdout and "task_arithmetic" in done.stdout

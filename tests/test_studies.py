@@ -456,3 +456,14 @@ def test_study_options_read_exponent_numbers_at_any_depth():
                                    "name=e5", "tag=nan"])
     assert options == {"lrs": [1e-4, 1500.0, 2], "trainer": {"lr": -0.01, "update": "summed"}, "block_lr": 1e-4,
                        "name": "e5", "tag": "nan"}
+
+
+def test_scoring_an_unknown_split_is_refused_naming_it(bench):
+    """Only the labeled test and validation splits are scored; any other name (e.g. 'train') used to score the
+    validation split silently."""
+    from symerge.suites.runner import static_result
+
+    result = static_result("task_arithmetic", bench, bench.task_vectors(), {})
+    assert set(bench.tasks.score(result, "cpu", "val")) == set(bench.task_names)
+    with pytest.raises(ValidationError, match="split 'train'.*'test', 'val'"):
+        bench.tasks.score(result, "cpu", "train")

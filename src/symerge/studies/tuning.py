@@ -25,6 +25,7 @@ from symerge.evaluation.metrics import mean
 from symerge.studies.bars import bars_figure
 from symerge.studies.base import StudyContext, StudyOutput, Variant, positive_number, register_study
 from symerge.suites.runner import static_result
+from symerge.suites.tasks import SCORED_SPLITS
 
 DEFAULT_LRS = (1e-4, 1e-3)
 
@@ -77,12 +78,9 @@ def step_list(value: Any) -> list[int]:
     return sorted({step_count(s) for s in value})
 
 
-SPLIT_NAMES = {"test": "test", "val": "labeled validation"}  # the scoreable splits and how the report names them
-
-
 def scored_split(value: Any) -> str:
-    if not isinstance(value, str) or value not in SPLIT_NAMES:  # a YAML list / mapping is unhashable
-        raise ValidationError(f"study option 'split' must be one of {list(SPLIT_NAMES)}, got {value!r}")
+    if not isinstance(value, str) or value not in SCORED_SPLITS:  # a YAML list / mapping is unhashable
+        raise ValidationError(f"study option 'split' must be one of {list(SCORED_SPLITS)}, got {value!r}")
     return str(value)
 
 
@@ -144,7 +142,7 @@ def tuning(ctx: StudyContext) -> StudyOutput:
         curves[run.label] = ctx.run_curve(run, marks, split)
     best_label, best = max(((label, c[-1]["normalized_average"]) for label, c in curves.items()), key=lambda x: x[1])
     markdown = "\n\n".join([
-        f"Method `{method}`, {steps} steps; normalized average (%) on the {SPLIT_NAMES[split]} split at each step, "
+        f"Method `{method}`, {steps} steps; normalized average (%) on the {SCORED_SPLITS[split]} split at each step, "
         f"task arithmetic (the suite's λ) as the bar.", curve_table(curves, marks, baseline),
         f"Best final: {best_label} at {100 * best:.1f} % against task arithmetic's {100 * baseline:.1f} %."])
     final = {label: c[-1]["normalized_average"] for label, c in curves.items()}

@@ -33,6 +33,9 @@ class TaskData:
         return len(self.class_names)
 
 
+SCORED_SPLITS = {"test": "test", "val": "labeled validation"}  # the labeled splits a result is scored on (report name)
+
+
 class TaskPool(Mapping[str, TaskData]):
     """Task name -> `TaskData`, in task order; scores any `MergeResult` with each task's own scorer."""
 
@@ -62,6 +65,9 @@ class TaskPool(Mapping[str, TaskData]):
 
     def score(self, result: MergeResult, device: str, split: str = "test") -> dict[str, TaskScore]:
         """Each task's TaskScore (its data's scorer) on the test (or validation) split."""
+        if split not in SCORED_SPLITS:
+            raise ValidationError(f"cannot score split {split!r}: the labeled splits are "
+                                  f"{', '.join(repr(name) for name in SCORED_SPLITS)}")
         scores = {}
         for task in result.tasks:
             data = self._tasks[task]
