@@ -467,3 +467,16 @@ def test_scoring_an_unknown_split_is_refused_naming_it(bench):
     assert set(bench.tasks.score(result, "cpu", "val")) == set(bench.task_names)
     with pytest.raises(ValidationError, match="split 'train'.*'test', 'val'"):
         bench.tasks.score(result, "cpu", "train")
+
+
+def test_a_study_report_header_gives_the_steps_the_study_ran(bench, tmp_path, monkeypatch):
+    """The tuning study's own `steps` option (3) wins over the suite's (here 4): the report's set-up line and the
+    record say 3, not the suite's figure the study never ran."""
+    monkeypatch.setattr(study_runner, "suite_parts", lambda suite: (TextSuiteConfig, None, 8))
+    out = tmp_path / "run"
+    record = study_runner.run_study("tuning", "text", TextSuiteConfig(), out, progress=False, log=lambda _: None,
+                                    study_options={"method": "adamerging", "lrs": [1e-2], "steps": 3}, steps=4,
+                                    benchmark=bench)
+    assert record["steps"] == 3 and record["settings"]["steps"] == 4
+    header = (out / "study.md").read_text().split("\n")[4]
+    assert "; 3 adaptation steps;" in header, header

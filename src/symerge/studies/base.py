@@ -61,11 +61,13 @@ class VariantOutcome:
 
 @dataclass
 class StudyOutput:
-    """What a study returns: JSON-able data, a Markdown body, and figures {file name: draw(path)}."""
+    """What a study returns: JSON-able data, a Markdown body, figures {file name: draw(path)}, and the adaptation
+    steps it ran where it chose its own (None: the suite's), so the report's set-up line states what ran."""
 
     data: dict[str, Any]
     markdown: str
     figures: dict[str, Figure] = field(default_factory=dict)
+    steps: int | None = None
 
 
 @dataclass

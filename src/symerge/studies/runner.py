@@ -114,7 +114,7 @@ def seed_markdown(spec: StudySpec, record: Mapping[str, Any], output: StudyOutpu
     tasks = ", ".join(record["tasks"])
     setup = (f"Suite `{record['suite']}` ({'quick preset' if record['config'].get('quick') else 'full settings'}), "
              f"tasks {tasks}; seed {record['seed']}; protocol {record['config']['protocol']}; "
-             f"{record['settings']['steps']} adaptation steps; {record['seconds']:.0f} s.")
+             f"{record['steps']} adaptation steps; {record['seconds']:.0f} s.")
     figures = [f"![{name}]({name})" for name in output.figures]
     return "\n".join([title(spec), "", spec.summary[0].upper() + spec.summary[1:] + ".", "", setup, "",
                       output.markdown.rstrip(), *(["", "## Figures", "", *figures] if figures else []), ""])
@@ -218,7 +218,8 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
     headline = check_headline(spec.name, output.data)
     record = {"study": spec.name, "reproduces": spec.reproduces, "summary": spec.summary, "suite": suite,
               "seed": cfg.seed, "tasks": ctx.tasks, "config": cfg.model_dump(mode="json"),
-              "settings": settings.model_dump(mode="json"), "study_options": options, "benchmark": info,
+              "settings": settings.model_dump(mode="json"), "steps": output.steps or settings.steps,
+              "study_options": options, "benchmark": info,
               "reference": ctx.reference, "headline": headline, "data": output.data,
               "figures": list(output.figures), "study_seconds": time.perf_counter() - study_start,
               "seconds": time.perf_counter() - start}

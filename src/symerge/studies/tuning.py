@@ -151,4 +151,4 @@ def tuning(ctx: StudyContext) -> StudyOutput:
                                          ylabel="normalized average (%)", lines={"task arithmetic": baseline})}
     data = {"headline": headline, "method": method, "marks": marks, "split": split, "task_arithmetic": {"per_task": ta,
             "average": mean(ta), "normalized_average": baseline}, "curves": curves}
-    return StudyOutput(data=data, markdown=markdown, figures=figures)
+    return StudyOutput(data=data, markdown=markdown, figures=figures, steps=steps)
