@@ -218,7 +218,8 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
     headline = check_headline(spec.name, output.data)
     record = {"study": spec.name, "reproduces": spec.reproduces, "summary": spec.summary, "suite": suite,
               "seed": cfg.seed, "tasks": ctx.tasks, "config": cfg.model_dump(mode="json"),
-              "settings": settings.model_dump(mode="json"), "steps": settings.steps if output.steps is None else output.steps,
+              "settings": settings.model_dump(mode="json"),
+              "steps": settings.steps if output.steps is None else output.steps,
               "study_options": options, "benchmark": info,
               "reference": ctx.reference, "headline": headline, "data": output.data,
               "figures": list(output.figures), "study_seconds": time.perf_counter() - study_start,
