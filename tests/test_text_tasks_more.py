@@ -26,7 +26,9 @@ def test_registry_holds_twenty_tasks_in_named_sets() -> None:
     sets = tt.TASK_SETS
     assert len(tt.TEXT_TASKS) >= 20 and sets["all"] == list(tt.TEXT_TASKS)
     assert sets["text8"] == tt.DEFAULT_TASKS and len(sets["text8"]) == 8
-    assert sets["text14"][:8] == sets["text8"] and len(sets["text14"]) == 14
+    assert sets["text14"][:8] == sets["text8_v1"] and len(sets["text14"]) == 14
+    # the default 8 are one task per kind of text, all inside text14 (so the 8 -> 14 -> 20 experts are shared)
+    assert set(sets["text8"]) <= set(sets["text14"]) and sets["text8"] != sets["text8_v1"]
     assert sets["text20"][:14] == sets["text14"] and len(set(sets["text20"])) == 20
     assert set(sets["text20"]) <= set(tt.TEXT_TASKS)
 
@@ -37,7 +39,9 @@ def test_expand_task_names() -> None:
     # a task a set already brought in is not repeated, in either order
     assert tt.expand_task_names(["bbc_topic", "text8"]) == tt.TASK_SETS["text8"]
     assert tt.expand_task_names(["text8", "bbc_topic"]) == tt.TASK_SETS["text8"]
-    assert tt.expand_task_names(["text8", "text14"]) == tt.TASK_SETS["text14"]
+    assert tt.expand_task_names(["text8_v1", "text14"]) == tt.TASK_SETS["text14"]
+    text8 = tt.TASK_SETS["text8"]
+    assert tt.expand_task_names(["text8", "text14"]) == text8 + [t for t in tt.TASK_SETS["text14"] if t not in text8]
     assert tt.expand_task_names(["sms_spam", "sms_spam"]) == ["sms_spam", "sms_spam"]  # left to the repeat check
     with pytest.raises(ValueError, match="unknown text task 'nope' \\(nor a task set\\).*sets: text8"):
         tt.expand_task_names(["nope"])

@@ -1,4 +1,4 @@
-"""The 12 text tasks that ``text14`` and ``text20`` add to ``text8`` (same rules as ``symerge.data.text_sources``:
+"""The 12 text tasks that ``text14`` and ``text20`` add to ``text8_v1`` (same rules as ``symerge.data.text_sources``:
 packaged data files only, small pure parsers, seeded choices):
 
 - single-sentence classification: ``trec_fine``, ``verb_supersense``, ``fortune_topic``, ``tweet_domain``,
