@@ -89,10 +89,10 @@ class TextSuiteConfig(ClassificationSuiteConfig):
     max_len: int = 64
     # The paper's regime (issue 17): the head trains at the encoder's lr from a random init, so the task knowledge
     # sits in the encoder (as CLIP experts keep a frozen zero-shot head) and the pretrained encoder with the experts'
-    # heads is near chance (38 % normalized; 82 % with the earlier head lr 2e-3). 2e-4 gave the most accurate experts
-    # of 1e-4 / 2e-4 in a probe (trec 96.0 vs 94.8 %). On the first 8 tasks (`text8_v1`) task arithmetic stayed near
-    # 89 % normalized with 2e-4, 5e-4 or a frozen random head alike; on the default `text8` (one task per kind of
-    # text) it is 81.9 / 82.4 % on seeds 0 / 1 (docs/benchmarks/expert_regime.jsonl).
+    # heads is near chance (29.5 % normalized on `text8` over 3 seeds; 82 % on `text8_v1` with the earlier head lr
+    # 2e-3). 2e-4 gave the most accurate experts of 1e-4 / 2e-4 in a probe (trec 96.0 vs 94.8 %). On `text8_v1` task
+    # arithmetic stayed near 89 % normalized with 2e-4, 5e-4 or a frozen random head alike
+    # (docs/benchmarks/expert_regime.jsonl); on the default `text8` it is 84.1 ± 3.3 % (docs/text/seeds).
     expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 150, "batch_size": 32, "lr": 2e-4, "head_lr": 2e-4})
     freeze_word_embeddings: bool = True
     # 100 iterations (one batch of 16 per task each): the quality/time knee measured on this suite; the report's
