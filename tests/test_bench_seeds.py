@@ -128,9 +128,12 @@ def test_presets_select_named_configurations_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr("symerge.report.markdown.methods_table", lambda report: "")
     assert main(["bench", "text", "--preset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     demo = seen[-1]
-    assert demo.methods == DEMO_METHODS and demo.cross_task_samples == 100
-    assert demo.model_dump(exclude={"methods", "cross_task_samples"}) == TextSuiteConfig().model_dump(
-        exclude={"methods", "cross_task_samples"})  # the full suite's settings: its rows score the same
+    assert demo.methods == DEMO_METHODS and demo.cross_task_samples == 50 and demo.adapt.curve == []
+    full = TextSuiteConfig()
+    assert full.adapt.curve and full.cross_task_samples > 50
+    assert demo.model_dump(exclude={"methods", "cross_task_samples", "adapt"}) == full.model_dump(
+        exclude={"methods", "cross_task_samples", "adapt"})  # the full suite's settings: its rows score the same
+    assert demo.adapt.model_dump(exclude={"curve"}) == full.adapt.model_dump(exclude={"curve"})
     assert main(["bench", "text", "--preset", "demo", "--methods", "symerge", "--out", str(tmp_path / "d2"),
                  "--no-progress"]) == 0
     assert seen[-1].methods == ["symerge"]  # options given win over the preset's

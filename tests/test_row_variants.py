@@ -142,3 +142,17 @@ def test_diagnostics_read_the_heads_of_the_symerge_row_that_trained_them(bench):
                               progress=False)
     assert "symerge" not in without["cross_task"] and "head_transfer" not in without
     assert without["cross_task"]["symerge_heads_from"] is None
+
+
+def test_curve_evaluations_leave_the_final_result_unchanged(bench):
+    """The demo preset evaluates adaptive rows once, at the end; the full run stops at its curve marks to evaluate.
+    Both must reach the same final λ, heads and scores (evaluation consumes no training randomness)."""
+    straight = run_methods(bench, ["symerge", "adamerging"], "held-out", settings(), progress=False,
+                           log=lambda _: None)
+    stopped = run_methods(bench, ["symerge", "adamerging"], "held-out",
+                          settings().model_copy(update={"curve": [1, 3]}), progress=False, log=lambda _: None)
+    for name in ("symerge", "adamerging"):
+        assert [p["iterations"] for p in stopped[name].curve] == [1, 3, STEPS]
+        assert [p["iterations"] for p in straight[name].curve] == [STEPS]
+        torch.testing.assert_close(stopped[name].result.lambdas, straight[name].result.lambdas, rtol=0, atol=0)
+        assert stopped[name].per_task == straight[name].per_task
