@@ -52,7 +52,15 @@ def gap_closed_section(report: Mapping[str, Any]) -> str:
             "(100 %) each method closes, per metric.\n\n" + table(["method"] + [f"{t} {m}" for t, m in columns], rows))
 
 
+def has_curves(report: Mapping[str, Any]) -> bool:
+    """Whether some method was scored at ≥ 2 iteration counts (a run scored once, at the end, has no curve to show:
+    its one point is the main table's row)."""
+    return any(len(entry.get("curve", [])) >= 2 for entry in report["methods"].values())
+
+
 def curve_table(report: Mapping[str, Any]) -> str:
+    if not has_curves(report):
+        return ""
     raw_average = report["suite"] != "dense"  # dense tasks' primary metrics have different units: no raw average
     rows = []
     for name, entry in report["methods"].items():

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from symerge.report.markdown import has_curves  # noqa: E402
+
 
 def save(fig: Any, path: Path) -> None:
     fig.tight_layout()
@@ -190,8 +192,7 @@ def make_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
         ("accuracy by method and task", "accuracy.png", accuracy_heatmap, per_task_is_scalar(report)),
         ("gap closed per metric", "gap_closed.png", gap_closed_bars, bool(report.get("gap_closed", {}).get("methods"))),
         ("normalized accuracy", "normalized.png", normalized_bars, any(m != "individual" for m in report["methods"])),
-        ("quality vs adaptation iterations", "iterations.png", iteration_curves,
-         any(e.get("curve") for e in report["methods"].values())),
+        ("quality vs adaptation iterations", "iterations.png", iteration_curves, has_curves(report)),
         ("cross-task matrices", "cross_task.png", cross_task_heatmaps, "cross_task" in report),
         ("SyMerge λ", "lambda_symerge.png", lambda_heatmap, "symerge" in report.get("lambdas", {})),
         ("adaptation loss", "loss.png", loss_curves, bool(report.get("loss_history"))),
