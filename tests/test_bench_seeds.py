@@ -118,6 +118,27 @@ def test_summarize_refuses_mixed_or_mislabelled_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed" / "summary.json").exists()
 
 
+def test_steps_option_sets_every_adaptive_rows_iterations(tmp_path, monkeypatch, capsys):
+    """`--steps N`: every adaptive row runs N iterations (presets too); the rest of the settings stay the suite's."""
+    import symerge.suites.text
+    from symerge.suites.text import TextSuiteConfig
+
+    seen = []
+    monkeypatch.setattr(symerge.suites.text, "run_text_suite",
+                        lambda cfg, out, progress=True: seen.append(cfg) or {"methods": {}, "total_seconds": 0.0})
+    monkeypatch.setattr("symerge.report.markdown.methods_table", lambda report: "")
+    assert main(["bench", "text", "--steps", "200", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    full = TextSuiteConfig()
+    assert seen[-1].adapt.steps == 200 and full.adapt.steps == 100
+    assert seen[-1].adapt.model_dump(exclude={"steps"}) == full.adapt.model_dump(exclude={"steps"})
+    assert main(["bench", "text", "--preset", "demo", "--steps", "7", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    assert seen[-1].adapt.steps == 7 and seen[-1].adapt.curve == []
+    with pytest.raises(SystemExit):
+        main(["bench", "text", "--steps", "0", "--out", str(tmp_path / "c")])
+    assert "--steps" in capsys.readouterr().err and len(seen) == 2 and not (tmp_path / "c").exists()
+
+
 def test_presets_select_named_configurations_before_any_work(tmp_path, monkeypatch, capsys):
     import symerge.suites.text
     from symerge.suites.text import DEMO_METHODS, TextSuiteConfig

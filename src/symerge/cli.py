@@ -72,6 +72,8 @@ def run_bench(args: argparse.Namespace, suite: str, config_cls: Any, run_suite: 
     if args.tasks:
         overrides["tasks"] = parse_methods(args.tasks)
     cfg = suite_config(config_cls, bench_preset(args), overrides)
+    if args.steps is not None:
+        cfg = cfg.with_adapt_steps(args.steps)
     out = Path(args.out or f"runs/{suite}-{time.strftime('%Y%m%d-%H%M%S')}")
     seeds = check_seeds(args.seeds) if args.seeds is not None else None
     # before any work: only ever replace a previous report (or multi-seed output)
@@ -248,6 +250,9 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     seeding.add_argument("--seeds", type=parse_seeds, default=None,
                          help="comma-separated seeds, e.g. 0,1,2: one report per seed in seed-N/ plus summary.md with "
                               "each method's mean ± std")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="adaptation iterations of every adaptive row (default: the suite's; its curve's marks "
+                             "below it are scored too)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="autocast dtype of adaptation (fp16: GPU only, with a GradScaler)")

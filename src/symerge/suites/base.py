@@ -65,6 +65,12 @@ class SuiteConfig(RunsOn):
         """Named configurations `--preset NAME` selects (each takes the caller's overrides); `quick` in every suite."""
         return {"quick": getattr(cls, "quick_preset")}
 
+    def with_adapt_steps(self, steps: int) -> "SuiteConfig":
+        """A copy whose adaptive rows all run `steps` iterations (the curve keeps its marks below it and scores the
+        last one), e.g. the paper's longer schedules (NLP: 1,000 iterations)."""
+        adapt: AdaptSettings = getattr(self, "adapt")
+        return self.model_copy(update={"adapt": adapt.model_copy(update={"steps": steps})})
+
     def adapt_settings(self) -> AdaptSettings:
         """The suite's adaptation settings, run with the suite's seed, device and precision."""
         adapt: AdaptSettings = getattr(self, "adapt")
