@@ -118,15 +118,23 @@ def test_summarize_refuses_mixed_or_mislabelled_reports(tmp_path, capsys):
     assert not (tmp_path / "mixed" / "summary.json").exists()
 
 
-def test_steps_option_sets_every_adaptive_rows_iterations(tmp_path, monkeypatch, capsys):
-    """`--steps N`: every adaptive row runs N iterations (presets too); the rest of the settings stay the suite's."""
+@pytest.fixture
+def text_configs(monkeypatch) -> list:
+    """The configs `symerge bench text` would run (the suite itself replaced: nothing trains)."""
     import symerge.suites.text
-    from symerge.suites.text import TextSuiteConfig
 
-    seen = []
+    seen: list = []
     monkeypatch.setattr(symerge.suites.text, "run_text_suite",
                         lambda cfg, out, progress=True: seen.append(cfg) or {"methods": {}, "total_seconds": 0.0})
     monkeypatch.setattr("symerge.report.markdown.methods_table", lambda report: "")
+    return seen
+
+
+def test_steps_option_sets_every_adaptive_rows_iterations(tmp_path, text_configs, capsys):
+    """`--steps N`: every adaptive row runs N iterations (presets too); the rest of the settings stay the suite's."""
+    from symerge.suites.text import TextSuiteConfig
+
+    seen = text_configs
     assert main(["bench", "text", "--steps", "200", "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     full = TextSuiteConfig()
     assert seen[-1].adapt.steps == 200 and full.adapt.steps == 100
@@ -139,14 +147,10 @@ def test_steps_option_sets_every_adaptive_rows_iterations(tmp_path, monkeypatch,
     assert "--steps" in capsys.readouterr().err and len(seen) == 2 and not (tmp_path / "c").exists()
 
 
-def test_presets_select_named_configurations_before_any_work(tmp_path, monkeypatch, capsys):
-    import symerge.suites.text
+def test_presets_select_named_configurations_before_any_work(tmp_path, text_configs, capsys):
     from symerge.suites.text import DEMO_METHODS, TextSuiteConfig
 
-    seen = []
-    monkeypatch.setattr(symerge.suites.text, "run_text_suite",
-                        lambda cfg, out, progress=True: seen.append(cfg) or {"methods": {}, "total_seconds": 0.0})
-    monkeypatch.setattr("symerge.report.markdown.methods_table", lambda report: "")
+    seen = text_configs
     assert main(["bench", "text", "--preset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     demo = seen[-1]
     assert demo.methods == DEMO_METHODS and demo.cross_task_samples == 50 and demo.adapt.curve == []
