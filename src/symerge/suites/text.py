@@ -102,9 +102,9 @@ class TextSuiteConfig(ClassificationSuiteConfig):
     expert: dict[str, Any] = Field(default_factory=lambda: {"steps": 150, "batch_size": 32, "lr": 2e-4, "head_lr": 2e-4})
     freeze_word_embeddings: bool = True
     # 100 iterations (one batch of 16 per task each): the quality/time knee measured on this suite; the report's
-    # iteration table shows 25 / 50 / 100. At 200 (docs/studies/text/iterations-200) SyMerge moves 97.9 -> 98.0 %
-    # normalized over 3 seeds, Surgery 93.4 -> 94.4, AdaMerging stays. λ and head learning rates 1e-2 (measured
-    # better than the paper's NLP 5e-4).
+    # iteration table shows 25 / 50 / 100. At 200 (docs/studies/text/iterations-200, block lr 1e-4) SyMerge moves
+    # 97.9 -> 98.0 % normalized over 3 seeds, Surgery 93.4 -> 94.4, AdaMerging stays. λ and head learning rates
+    # 1e-2 (measured better than the paper's NLP 5e-4).
     adapt: AdaptSettings = Field(default_factory=lambda: AdaptSettings(regime="nlp", steps=100, batch_size=16,
                                                                         lr=1e-2, layer_lr=HEAD_LR,
                                                                         curve=[25, 50, 100],
