@@ -148,7 +148,7 @@ def test_steps_option_sets_every_adaptive_rows_iterations(tmp_path, text_configs
 
 
 def test_presets_select_named_configurations_before_any_work(tmp_path, text_configs, capsys):
-    from symerge.suites.text import DEMO_METHODS, TextSuiteConfig
+    from symerge.suites.text import DEMO_METHODS, DEMO_STEPS, TextSuiteConfig
 
     seen = text_configs
     assert main(["bench", "text", "--preset", "demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
@@ -158,7 +158,8 @@ def test_presets_select_named_configurations_before_any_work(tmp_path, text_conf
     assert full.adapt.curve and full.cross_task_samples > 50
     assert demo.model_dump(exclude={"methods", "cross_task_samples", "adapt"}) == full.model_dump(
         exclude={"methods", "cross_task_samples", "adapt"})  # the full suite's settings: its rows score the same
-    assert demo.adapt.model_dump(exclude={"curve"}) == full.adapt.model_dump(exclude={"curve"})
+    assert demo.adapt.model_dump(exclude={"curve", "steps"}) == full.adapt.model_dump(exclude={"curve", "steps"})
+    assert demo.adapt.steps == DEMO_STEPS < full.adapt.steps and DEMO_STEPS in full.adapt.curve  # a full-run row
     assert main(["bench", "text", "--preset", "demo", "--methods", "symerge", "--out", str(tmp_path / "d2"),
                  "--no-progress"]) == 0
     assert seen[-1].methods == ["symerge"]  # options given win over the preset's

@@ -144,6 +144,22 @@ def test_diagnostics_read_the_heads_of_the_symerge_row_that_trained_them(bench):
     assert without["cross_task"]["symerge_heads_from"] is None
 
 
+def test_a_shorter_run_scores_as_the_longer_runs_curve_point(bench, toy_problem):
+    """The demo preset runs fewer iterations than the full suite and its rows must equal the full report's curve
+    point at that count: nothing in training depends on the total number of steps (no schedule, seeded batches)."""
+    short = run_methods(bench, ["symerge", "adamerging", "surgery"], "held-out",
+                        settings().model_copy(update={"steps": 3}), progress=False, log=lambda _: None)
+    long = run_methods(bench, ["symerge", "adamerging", "surgery"], "held-out",
+                       settings().model_copy(update={"curve": [3]}), progress=False, log=lambda _: None)
+    for name in ("symerge", "adamerging", "surgery"):
+        at_3 = long[name].curve[0]
+        assert at_3["iterations"] == 3 and long[name].curve[-1]["iterations"] == STEPS
+        assert at_3["normalized_average"] == short[name].curve[-1]["normalized_average"]
+        assert at_3["average"] == short[name].curve[-1]["average"]
+        x = toy_problem.test_inputs["task0"][:16]  # the long run did train on after step 3
+        assert not torch.allclose(long[name].result.predict("task0", x), short[name].result.predict("task0", x))
+
+
 def test_curve_evaluations_leave_the_final_result_unchanged(bench):
     """The demo preset evaluates adaptive rows once, at the end; the full run stops at its curve marks to evaluate.
     Both must reach the same final λ, heads and scores (evaluation consumes no training randomness)."""

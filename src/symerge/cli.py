@@ -244,7 +244,7 @@ def add_bench_parser(suites: Any, name: str, help_text: str, default_tasks: str,
     parser.add_argument("--tasks", help=f"comma-separated task names (default: {default_tasks})")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--preset", help="a named configuration of the suite (quick; text also demo: the main rows "
-                                         "only, as `make demo` runs)")
+                                         "only, 50 adaptation iterations, as `make demo` runs)")
     seeding = parser.add_mutually_exclusive_group()
     seeding.add_argument("--seed", type=int, default=0)
     seeding.add_argument("--seeds", type=parse_seeds, default=None,
