@@ -87,6 +87,22 @@ def test_symerge_filter_follows_the_paper_per_regime(bench):
     assert row_settings("symerge", base, {}) is base
 
 
+def test_text_block_rows_fit_soft_labels_and_the_paper_head_row_its_hard_labels():
+    """The text suite's block rows use KL to the experts' soft predictions (chosen on the validation split); the
+    symerge_head row, and the studies that reproduce the paper's head, keep the paper's CE to hard labels."""
+    from symerge.studies.runner import paper_head_settings
+    from symerge.suites.runner import row_settings
+    from symerge.suites.text import TextSuiteConfig
+
+    base = TextSuiteConfig().adapt_settings()
+
+    def loss(settings) -> str:
+        return settings.method_options["symerge"].get("loss", "ce")
+
+    assert [loss(row_settings(row, base, {})) for row in ("symerge", "symerge_filtered")] == ["kl", "kl"]
+    assert loss(row_settings("symerge_head", base, {})) == "ce" == loss(paper_head_settings(base))
+
+
 @pytest.mark.parametrize("suite", ["text", "vision"])
 def test_suites_adapt_a_block_with_the_paper_head_row_beside_it(suite):
     """The text and vision suites give SyMerge (and its filter-variant row) one encoder block as the task layer at
