@@ -480,3 +480,35 @@ def test_a_study_report_header_gives_the_steps_the_study_ran(bench, tmp_path, mo
     assert record["steps"] == 3 and record["settings"]["steps"] == 4
     header = (out / "study.md").read_text().split("\n")[4]
     assert "; 3 adaptation steps;" in header, header
+
+
+# --- which SyMerge the studies run ------------------------------------------------------------------------------------
+def test_studies_run_the_paper_head_unless_asked_for_the_suite_row(bench, tmp_path, monkeypatch, capsys):
+    """By default a study runs SyMerge as the paper's figures do (classifier head, its lr, CE); `symerge_as="suite"`
+    (`--symerge-as suite`) runs the suite's main row instead (the text suite: MiniLM's 4th block at its lr, KL)."""
+    from symerge.suites.text import SYMERGE_BLOCK_LR, TEXT_TASK_LAYER
+
+    seen = []
+
+    def probe(ctx):
+        seen.append(ctx.settings)
+        return StudyOutput({"headline": {"x": 1.0}}, "")
+
+    monkeypatch.setitem(STUDIES, "probe", StudySpec("probe", probe, "test", "test"))
+    cfg = TextSuiteConfig()
+    paper = run_study("probe", "text", cfg, tmp_path / "paper", benchmark=bench, **QUIET)
+    suite = run_study("probe", "text", cfg, tmp_path / "suite", benchmark=bench, symerge_as="suite", **QUIET)
+    head, block = (s.method_options["symerge"] for s in seen)
+    assert head["task_layer"] == "head" and head.get("loss", "ce") == "ce"
+    assert seen[0].trainer_config("symerge", False).layer_lr == cfg.adapt.layer_lr
+    assert block == {"task_layer": TEXT_TASK_LAYER, "loss": "kl"}
+    assert seen[1].trainer_config("symerge", False).layer_lr == SYMERGE_BLOCK_LR
+    assert (paper["symerge_as"], suite["symerge_as"]) == ("paper", "suite")
+    with pytest.raises(ValidationError, match="symerge_as must be one of \\['paper', 'suite'\\], got 'block'"):
+        run_study("probe", "text", cfg, tmp_path / "bad", benchmark=bench, symerge_as="block", **QUIET)
+    assert not (tmp_path / "bad").exists() and len(seen) == 2
+    monkeypatch.setattr(study_runner, "suite_parts", lambda suite: (TextSuiteConfig, lambda *a, **k: (bench, {}), 8))
+    assert main(["study", "probe", "--symerge-as", "suite", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert seen[-1].method_options["symerge"]["loss"] == "kl"
+    assert main(["study", "probe", "--symerge-as", "nope", "--out", str(tmp_path / "cli2")]) == 2
+    assert "--symerge-as" in capsys.readouterr().err

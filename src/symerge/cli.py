@@ -173,7 +173,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from symerge.atomic import prepare_output_dir
     from symerge.errors import ValidationError
     from symerge.studies.base import get_study
-    from symerge.studies.runner import STUDY_FILES, check_seeds, check_study_options, run_study, suite_parts
+    from symerge.studies.runner import SYMERGE_AS, STUDY_FILES, check_seeds, check_study_options, run_study, suite_parts
 
     if args.list:
         print_study_list()
@@ -181,6 +181,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not args.name:
         raise ValidationError("give a study name (`symerge study --list` shows them)")
     spec = get_study(args.name)
+    if args.symerge_as not in SYMERGE_AS:
+        raise ValidationError(f"--symerge-as must be one of {', '.join(SYMERGE_AS)}, got '{args.symerge_as}'")
     config_cls, _build, _count = suite_parts(args.suite)
     seeds = check_seeds(args.seeds)
     study_options = parse_study_options(args.option)
@@ -194,7 +196,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     record = run_study(spec.name, args.suite, cfg, out, seeds, progress=not args.no_progress,
-                       overwrite=args.overwrite, steps=args.steps, study_options=study_options)
+                       overwrite=args.overwrite, steps=args.steps, study_options=study_options,
+                       symerge_as=args.symerge_as)
     print()
     for name, value in record["headline"].items():
         shown = f"{value['mean']:.4f} ± {value['std']:.4f}" if isinstance(value, dict) else f"{value:.4f}"
@@ -280,6 +283,9 @@ def add_study_parser(sub: Any) -> argparse.ArgumentParser:
                         "(default: the suite's)")
     parser.add_argument("--option", action="append", metavar="NAME=VALUE",
                         help="a study option (repeatable; --list shows each study's), value read as YAML")
+    parser.add_argument("--symerge-as", default="paper", metavar="{paper,suite}",
+                        help="SyMerge as the paper's figures run it (paper: the classifier head; default) or as the "
+                             "suite's main row (suite: its task layer, lr and loss)")
     parser.add_argument("--out", help="output dir (default runs/study-<name>-<suite>-<timestamp>)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (checked before any download)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")

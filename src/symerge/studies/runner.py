@@ -26,6 +26,9 @@ from symerge.suites.runner import AdaptSettings, Benchmark, primary_scores, row_
 from symerge.suites.seeds import check_seeds, seed_statistics
 
 STUDY_FILES = ("study.json", "study.md")  # what marks a dir as a study output that `--overwrite` may replace
+# Which SyMerge a study runs: "paper", the paper's figures' (classifier head; `paper_head_settings`), or "suite", the
+# suite's main row as its report runs it (text and vision: one encoder block at the block's lr; text: KL labels).
+SYMERGE_AS = ("paper", "suite")
 SUITES = ("text", "vision", "dense")
 Builder = Callable[..., tuple[Benchmark, dict[str, Any]]]  # builder(cfg, progress=..., log=...) -> (bench, info)
 
@@ -151,18 +154,22 @@ def run_study(
     study_options: Mapping[str, Any] | None = None,
     steps: int | None = None,
     benchmark: Benchmark | None = None,
+    symerge_as: str = "paper",
 ) -> dict[str, Any]:
     """Run study `name` on `suite` for each seed (default: the config's) and write `out_dir`; returns what
     `study.json` holds (the summary with several seeds).
 
     Everything is checked before any download or training: the study, the suite, the seeds, the study options,
     the number of tasks and the output dir (new, empty, or a previous study output with `overwrite`). `steps`
-    overrides the suite's adaptation steps (a variant's own `trainer={"steps": ...}` still wins). `benchmark`: a
+    overrides the suite's adaptation steps (a variant's own `trainer={"steps": ...}` still wins). `symerge_as`
+    (`SYMERGE_AS`): SyMerge as the paper's figures run it (default) or as the suite's main row. `benchmark`: a
     built benchmark, used for every seed instead of building the suite's (tests)."""
     spec = get_study(name)
     _config_cls, build, default_tasks = suite_parts(suite)
     seed_list = check_seeds(seeds if seeds is not None else [cfg.seed])
     options = check_study_options(spec, study_options)
+    if symerge_as not in SYMERGE_AS:
+        raise ValidationError(f"symerge_as must be one of {list(SYMERGE_AS)}, got '{symerge_as}'")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValidationError(f"--steps must be an integer ≥ 1, got {steps!r}")
     tasks = getattr(cfg, "tasks", None)
@@ -175,11 +182,12 @@ def run_study(
         for seed in seed_list:
             folder = tmp if len(seed_list) == 1 else tmp / f"seed-{seed}"
             records[seed] = run_one_seed(spec, suite, cfg.model_copy(update={"seed": seed}), folder, progress, log,
-                                         options, steps, benchmark, build)
+                                         options, steps, benchmark, build, symerge_as)
         if len(seed_list) == 1:
             return records[seed_list[0]]
         summary = {"study": spec.name, "reproduces": spec.reproduces, "summary": spec.summary, "suite": suite,
                    "seeds": seed_list, "config": jsonable(cfg.model_dump(mode="json")), "study_options": options,
+                   "symerge_as": symerge_as,
                    "runs": {str(s): f"seed-{s}/study.json" for s in seed_list},
                    "headline": summarize({s: r["headline"] for s, r in records.items()}),
                    "seconds": time.perf_counter() - start}
@@ -196,11 +204,12 @@ def paper_head_settings(settings: AdaptSettings) -> AdaptSettings:
 
 def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, progress: bool,
                  log: Callable[[str], None], options: dict[str, Any], steps: int | None,
-                 benchmark: Benchmark | None, build: Builder) -> dict[str, Any]:
+                 benchmark: Benchmark | None, build: Builder, symerge_as: str = "paper") -> dict[str, Any]:
     """Build (or take) the benchmark, run the study with this seed, write its files into `folder`."""
     start = time.perf_counter()
     log(f"study {spec.name} on {suite}, seed {cfg.seed}")
-    cfg = cfg.model_copy(update={"adapt": paper_head_settings(getattr(cfg, "adapt"))})
+    if symerge_as == "paper":
+        cfg = cfg.model_copy(update={"adapt": paper_head_settings(getattr(cfg, "adapt"))})
     if benchmark is None:
         bench, info = build(cfg, progress=progress, log=log)
     else:
@@ -220,7 +229,7 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
               "seed": cfg.seed, "tasks": ctx.tasks, "config": cfg.model_dump(mode="json"),
               "settings": settings.model_dump(mode="json"),
               "steps": settings.steps if output.steps is None else output.steps,
-              "study_options": options, "benchmark": info,
+              "study_options": options, "symerge_as": symerge_as, "benchmark": info,
               "reference": ctx.reference, "headline": headline, "data": output.data,
               "figures": list(output.figures), "study_seconds": time.perf_counter() - study_start,
               "seconds": time.perf_counter() - start}
