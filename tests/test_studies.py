@@ -348,6 +348,7 @@ def test_cli_runs_a_study_with_seeds_and_steps(bench, tmp_path, capsys, monkeypa
     for seed in (0, 1):
         record = read(out / f"seed-{seed}")
         assert record["settings"]["steps"] == 4 and record["config"]["seed"] == seed
+        assert record["config"]["adapt"]["steps"] == 4  # the recorded config alone reproduces the run
         assert record["benchmark"] == {"model": "toy"}
         assert record["study_options"] == {"ta_lambda": 0.4}
         assert record["data"]["symerge"]["label"] == "symerge" and record["data"]["adamerging"]["label"] == "adamerging"

@@ -210,13 +210,13 @@ def run_one_seed(spec: StudySpec, suite: str, cfg: SuiteConfig, folder: Path, pr
     log(f"study {spec.name} on {suite}, seed {cfg.seed}")
     if symerge_as == "paper":
         cfg = cfg.model_copy(update={"adapt": paper_head_settings(getattr(cfg, "adapt"))})
+    if steps is not None:
+        cfg = cfg.with_adapt_steps(steps)
     if benchmark is None:
         bench, info = build(cfg, progress=progress, log=log)
     else:
         bench, info = benchmark, {"benchmark": "given"}
     settings = cfg.adapt_settings()
-    if steps is not None:
-        settings = settings.model_copy(update={"steps": steps})
     ctx = StudyContext(suite=suite, bench=bench, settings=settings, protocol=cfg.protocol, seed=cfg.seed,
                        quick=cfg.quick, reference={}, progress=progress, log=log,
                        cross_task_samples=getattr(cfg, "cross_task_samples", None), options=options)
