@@ -87,19 +87,23 @@ def test_symerge_filter_follows_the_paper_per_regime(bench):
     assert row_settings("symerge", base, {}) is base
 
 
-def test_text_block_rows_fit_soft_labels_and_the_paper_head_row_its_hard_labels():
-    """The text suite's block rows use KL to the experts' soft predictions (chosen on the validation split); the
+@pytest.mark.parametrize("suite", ["text", "vision"])
+def test_block_rows_fit_soft_labels_and_the_paper_head_row_its_hard_labels(suite):
+    """Both suites' block rows use KL to the experts' soft predictions (each chosen on its validation split); the
     symerge_head row, and the studies that reproduce the paper's head, keep the paper's CE to hard labels."""
     from symerge.studies.runner import paper_head_settings
     from symerge.suites.runner import row_settings
     from symerge.suites.text import TextSuiteConfig
+    from symerge.suites.vision import VisionSuiteConfig
 
-    base = TextSuiteConfig().adapt_settings()
+    cfg = TextSuiteConfig() if suite == "text" else VisionSuiteConfig()
+    base = cfg.adapt_settings()
+    variant = "symerge_filtered" if suite == "text" else "symerge_unfiltered"
 
     def loss(settings) -> str:
         return settings.method_options["symerge"].get("loss", "ce")
 
-    assert [loss(row_settings(row, base, {})) for row in ("symerge", "symerge_filtered")] == ["kl", "kl"]
+    assert [loss(row_settings(row, base, {})) for row in ("symerge", variant)] == ["kl", "kl"]
     assert loss(row_settings("symerge_head", base, {})) == "ce" == loss(paper_head_settings(base))
 
 
