@@ -87,18 +87,25 @@ def test_symerge_filter_follows_the_paper_per_regime(bench):
     assert row_settings("symerge", base, {}) is base
 
 
+def block_suite(suite: str):
+    """The text or vision suite's default config and the filter-variant row it reports beside `symerge`."""
+    from symerge.suites.text import TextSuiteConfig
+    from symerge.suites.vision import VisionSuiteConfig
+
+    if suite == "text":
+        return TextSuiteConfig(), "symerge_filtered"
+    return VisionSuiteConfig(), "symerge_unfiltered"
+
+
 @pytest.mark.parametrize("suite", ["text", "vision"])
 def test_block_rows_fit_soft_labels_and_the_paper_head_row_its_hard_labels(suite):
     """Both suites' block rows use KL to the experts' soft predictions (each chosen on its validation split); the
     symerge_head row, and the studies that reproduce the paper's head, keep the paper's CE to hard labels."""
     from symerge.studies.runner import paper_head_settings
     from symerge.suites.runner import row_settings
-    from symerge.suites.text import TextSuiteConfig
-    from symerge.suites.vision import VisionSuiteConfig
 
-    cfg = TextSuiteConfig() if suite == "text" else VisionSuiteConfig()
+    cfg, variant = block_suite(suite)
     base = cfg.adapt_settings()
-    variant = "symerge_filtered" if suite == "text" else "symerge_unfiltered"
 
     def loss(settings) -> str:
         return settings.method_options["symerge"].get("loss", "ce")
@@ -112,12 +119,9 @@ def test_suites_adapt_a_block_with_the_paper_head_row_beside_it(suite):
     """The text and vision suites give SyMerge (and its filter-variant row) one encoder block as the task layer at
     the block's lr; the symerge_head row runs the paper's classifier head at the head's lr, right after them."""
     from symerge.suites.runner import row_settings
-    from symerge.suites.text import TextSuiteConfig
-    from symerge.suites.vision import VisionSuiteConfig
 
-    cfg = TextSuiteConfig() if suite == "text" else VisionSuiteConfig()
+    cfg, variant = block_suite(suite)
     base = cfg.adapt_settings()
-    variant = "symerge_filtered" if suite == "text" else "symerge_unfiltered"
     assert cfg.methods[cfg.methods.index("symerge"):][:3] == ["symerge", variant, "symerge_head"]
 
     def trainer_and_layer(row: str) -> tuple[float, str]:
